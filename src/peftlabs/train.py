@@ -1,0 +1,397 @@
+"""The one training loop, shared by every method.
+
+    peftlabs train                                   # LoRA, SmolLM2, demo tickets
+    peftlabs train --config my.yaml --learning-rate 1e-3 --output-dir runs/try2
+
+The run reads top to bottom: settings, run directory, model and data,
+method, Trainer, training, saving. A method only decides how the base model
+is wrapped (``Method.apply``) and saved; everything else is the same for all.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_callback import ProgressCallback
+
+from peftlabs import data as data_module
+from peftlabs import runs
+from peftlabs.config import RunConfig, write_yaml
+from peftlabs.errors import UserError
+from peftlabs.evaluate import classification_scores, evaluate_split
+from peftlabs.hardware import format_bytes, peak_memory_bytes, pick_device, pick_precision
+from peftlabs.methods import get_method
+from peftlabs.models import (
+    base_fingerprint,
+    classification_head_name,
+    count_parameters,
+    detect_task,
+    load_tokenizer,
+    read_model_config,
+    resolve_model,
+)
+from peftlabs.versions import library_versions
+
+log = logging.getLogger("peftlabs")
+
+
+class Interrupted(Exception):
+    """Training stopped by Ctrl-C after saving a resumable checkpoint."""
+
+    def __init__(self, run_dir: Path, step: int):
+        super().__init__(
+            f"training interrupted at step {step}; the checkpoint is kept in {run_dir / runs.CHECKPOINT_DIR}: "
+            f"continue with `peftlabs train --output-dir {run_dir} --resume`"
+        )
+
+
+@dataclass
+class Prepared:
+    """Everything a run needs once settings are checked and the model is built."""
+
+    config: RunConfig
+    method: Any
+    params: Any
+    task: str
+    data: data_module.TaskData
+    tokenizer: Any
+    model: torch.nn.Module
+    model_location: str
+    device: str
+    precision: str
+    base_memory_bytes: int
+
+
+def prepare(config: RunConfig) -> Prepared:
+    """Load the base model, data and method for a config, writing nothing to disk."""
+    method = get_method(config.method)
+    params = method.parse_params(config.method_args.get(method.name))
+    device = pick_device(config.device)
+    precision = pick_precision(config.precision, device)
+
+    # Model location and task shape.
+    location = resolve_model(config.model)
+    model_config = read_model_config(location, config.trust_remote_code)
+    task = detect_task(model_config) if config.task == "auto" else config.task
+    if task not in method.tasks:
+        method.check(None, task, params)
+
+    # Data: checked before the (slower) model load so bad columns fail fast.
+    tokenizer = load_tokenizer(location, config.trust_remote_code)
+    data = data_module.load_task_data(config, task)
+
+    # Base model, then the method on top of it.
+    base = method.load_base(location, data.task, data.labels, tokenizer, params, config.trust_remote_code)
+    base_memory = base.get_memory_footprint()
+    head = classification_head_name(base) if data.task == "classification" else None
+    method.check(base, data.task, params)
+    torch.manual_seed(config.seed)
+    model = method.apply(base, data.task, params, head)
+
+    return Prepared(config, method, params, task, data, tokenizer, model, location, device, precision, base_memory)
+
+
+def train(config: RunConfig) -> dict[str, Any]:
+    """Run a whole training job and return its final metrics."""
+    run_dir = Path(config.output_dir)
+    runs.check_output_dir(run_dir, config.overwrite, config.resume)
+    prepared = prepare(config)
+    method, data, tokenizer, model = prepared.method, prepared.data, prepared.tokenizer, prepared.model
+
+    # Tokenise; dynamic padding happens per batch in the collator.
+    train_set = data_module.tokenize_split(data.train, tokenizer, data, config.max_length)
+    eval_set = data_module.tokenize_split(data.eval, tokenizer, data, config.max_length)
+
+    # Only now, with every input checked, touch the run directory.
+    if config.overwrite and not config.resume:
+        runs.replace_dir(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    file_handler = _log_to_file(run_dir / "train.log")
+    write_yaml(config, run_dir / "config.yaml")
+    trainable, total = count_parameters(model)
+    run_info = {
+        "method": method.name,
+        "model": config.model,
+        "model_location": prepared.model_location,
+        "task": data.task,
+        "labels": data.labels,
+        "instruction": data.instruction,
+        "generative_classification": data.generative_classification,
+        "base_fingerprint": base_fingerprint(model.get_base_model() if hasattr(model, "get_base_model") else model),
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "versions": library_versions(),
+    }
+    runs.write_json_atomic(run_dir / "run.json", run_info)
+
+    log.info("method %s on %s (%s), %s / %s parameters trainable (%.3f%%)", method.name, config.model, data.task,
+             f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+    log.info("base model memory %s; device %s, precision %s; %d train / %d eval examples",
+             format_bytes(prepared.base_memory_bytes), prepared.device, prepared.precision,
+             len(train_set), len(eval_set))
+
+    trainer = _build_trainer(prepared, run_dir, train_set, eval_set)
+
+    # Train; the first Ctrl-C finishes the current step and saves a checkpoint.
+    resume_from = None
+    if config.resume:
+        runs.remove_incomplete_checkpoints(run_dir)
+        checkpoint = runs.last_complete_checkpoint(run_dir)
+        resume_from = str(checkpoint) if checkpoint else None
+        log.info("resuming from %s", checkpoint or "the start (no complete checkpoint)")
+    started = time.perf_counter()
+    stopper = _GracefulStop()
+    trainer.add_callback(stopper)
+    with stopper.installed():
+        result = trainer.train(resume_from_checkpoint=resume_from)
+    if stopper.requested:
+        file_handler.close()
+        raise Interrupted(run_dir, trainer.state.global_step)
+    train_seconds = time.perf_counter() - started
+
+    # Save the adapter in one atomic step.
+    with runs.atomic_dir(run_dir / runs.ADAPTER_DIR) as staging:
+        method.save(model, staging)
+
+    # Final evaluation on the eval split.
+    counter = trainer.token_counter
+    metrics: dict[str, Any] = {
+        "train_loss": result.training_loss,
+        "train_seconds": round(train_seconds, 2),
+        "train_tokens": counter.tokens,
+        "train_tokens_per_second": round(counter.tokens / max(counter.seconds, 1e-9), 1),
+        "peak_memory_bytes": peak_memory_bytes(prepared.device),
+        "base_memory_bytes": prepared.base_memory_bytes,
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "steps": trainer.state.global_step,
+    }
+    summary = "eval skipped (final_eval false)"
+    if config.final_eval:
+        metrics["eval_loss"] = trainer.evaluate().get("eval_loss")
+        scores, _ = evaluate_split(model, tokenizer, data, data.eval, config.eval_batch_size, config.max_length,
+                                   config.max_new_tokens)
+        metrics.update({f"eval_{name}": value for name, value in scores.items()})
+        summary = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("eval_")
+                            and isinstance(v, float))
+    runs.write_json_atomic(run_dir / "metrics.json", metrics)
+
+    log.info("done in %.0f s: %s  %s tok/s  peak %s; adapter in %s", train_seconds, summary,
+             f"{metrics['train_tokens_per_second']:,.0f}", format_bytes(metrics["peak_memory_bytes"]),
+             run_dir / runs.ADAPTER_DIR)
+    file_handler.close()
+    logging.getLogger().removeHandler(file_handler)
+    return metrics
+
+
+def _build_trainer(prepared: Prepared, run_dir: Path, train_set, eval_set) -> "PeftLabsTrainer":
+    config = prepared.config
+    learning_rate = config.learning_rate or prepared.method.default_learning_rate
+    args = TrainingArguments(
+        output_dir=str(run_dir / runs.CHECKPOINT_DIR),
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps,
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.eval_batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        learning_rate=learning_rate,
+        weight_decay=config.weight_decay,
+        warmup_ratio=config.warmup_ratio,
+        lr_scheduler_type=config.lr_scheduler,
+        seed=config.seed,
+        data_seed=config.seed,
+        bf16=prepared.precision == "bf16",
+        fp16=prepared.precision == "fp16",
+        use_cpu=prepared.device == "cpu",
+        group_by_length=config.group_by_length,
+        gradient_checkpointing=config.gradient_checkpointing,
+        dataloader_num_workers=config.dataloader_workers,
+        logging_steps=config.logging_steps,
+        save_strategy="steps",
+        save_steps=config.save_steps,
+        save_total_limit=2,
+        eval_strategy="steps" if config.eval_steps else "no",
+        eval_steps=config.eval_steps,
+        report_to=[],
+        remove_unused_columns=False,
+        disable_tqdm=False,
+        label_names=["labels"],
+        prediction_loss_only=prepared.data.task == "causal_lm",
+    )
+    causal = prepared.data.task == "causal_lm"
+    if causal:
+        prepared.tokenizer.padding_side = "left"  # responses end at the last column; see PeftLabsTrainer
+    trainer = PeftLabsTrainer(
+        model=prepared.model,
+        args=args,
+        train_dataset=train_set,
+        eval_dataset=eval_set,
+        data_collator=data_module.collator(prepared.tokenizer, prepared.data.task),
+        compute_metrics=None if causal else _classification_metrics(prepared.data),
+        response_only_logits=causal and _supports_logits_to_keep(prepared.model),
+    )
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(UnitsProgressCallback(trainer.token_counter, prepared.device))
+    return trainer
+
+
+def _is_prompt_learning(model) -> bool:
+    config = getattr(model, "active_peft_config", None)
+    return bool(config is not None and getattr(config, "is_prompt_learning", False))
+
+
+def _supports_logits_to_keep(model) -> bool:
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
+def _classification_metrics(data):
+    def compute(prediction):
+        predicted = [data.labels[i] for i in prediction.predictions.argmax(-1)]
+        gold = [data.labels[i] for i in prediction.label_ids]
+        return classification_scores(gold, predicted)
+
+    return compute
+
+
+class TokenCounter:
+    """Non-padding tokens processed by training steps, and the time they took."""
+
+    def __init__(self):
+        self.tokens = 0
+        self.seconds = 0.0
+
+
+class PeftLabsTrainer(Trainer):
+    """Trainer that counts real tokens and, for causal LMs, computes logits only where the loss needs them.
+
+    Causal LM batches are padded on the left, so every response ends at the
+    last column. The loss covers response tokens only, so the model is asked
+    for the logits of the last ``keep`` positions (``logits_to_keep``) instead
+    of all of them: the vocabulary projection of SmolLM2 (576 x 49,152) is
+    about a fifth of the model's multiply-adds per token, and the prompt
+    positions' share of it is skipped. The loss is the same token-averaged
+    cross-entropy that transformers computes.
+    """
+
+    def __init__(self, *args, response_only_logits: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.token_counter = TokenCounter()
+        self.response_only_logits = response_only_logits
+        if response_only_logits:
+            # compute_loss below divides by the token count of the whole
+            # accumulated batch, so the Trainer must not divide again.
+            self.model_accepts_loss_kwargs = True
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not self.response_only_logits or "labels" not in inputs:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+        labels = inputs["labels"]
+        model_inputs = {key: value for key, value in inputs.items() if key != "labels"}
+        if not _is_prompt_learning(model):
+            # Left padding shifts positions; give each row positions counted from its first real token.
+            # (peft's prompt-learning models ignore position ids; SmolLM2's rotary attention depends
+            # only on relative positions, which left padding does not change.)
+            mask = inputs["attention_mask"]
+            model_inputs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+        # Logits for the positions from the one before the first response token to the end.
+        length = labels.shape[1]
+        first_response = (labels != -100).long().argmax(dim=1)
+        keep = min(int((length - first_response).max()) + 1, length)
+        outputs = model(**model_inputs, logits_to_keep=keep)
+        logits = outputs.logits[:, :-1, :].float()
+        targets = labels[:, length - keep + 1:]
+
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum"
+        )
+        count = num_items_in_batch if num_items_in_batch is not None else (targets != -100).sum()
+        loss = loss / count.to(loss.device) if torch.is_tensor(count) else loss / count
+        return (loss, outputs) if return_outputs else loss
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        started = time.perf_counter()
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self.token_counter.seconds += time.perf_counter() - started
+        mask = inputs.get("attention_mask")
+        self.token_counter.tokens += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
+        return loss
+
+
+class UnitsProgressCallback(ProgressCallback):
+    """Progress bars, with log lines that give loss, throughput and memory in units."""
+
+    def __init__(self, counter: TokenCounter, device: str):
+        super().__init__()
+        self.counter = counter
+        self.device = device
+        self.last_tokens = 0
+        self.last_seconds = 0.0
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        if "loss" in logs:
+            tokens = self.counter.tokens - self.last_tokens
+            seconds = self.counter.seconds - self.last_seconds
+            self.last_tokens, self.last_seconds = self.counter.tokens, self.counter.seconds
+            rate = tokens / seconds if seconds > 0 else math.nan
+            log.info("step %d/%d  loss %.4f  lr %.2e  %s tok/s  peak %s", state.global_step, state.max_steps,
+                     logs["loss"], logs.get("learning_rate", math.nan), f"{rate:,.0f}",
+                     format_bytes(peak_memory_bytes(self.device)))
+        elif "eval_loss" in logs:
+            extra = "  ".join(f"{k[5:]} {v:.4f}" for k, v in logs.items()
+                              if k.startswith("eval_") and k not in ("eval_loss", "eval_runtime")
+                              and isinstance(v, float) and "per_second" not in k)
+            log.info("step %d  eval loss %.4f  %s", state.global_step, logs["eval_loss"], extra)
+
+
+class _GracefulStop(TrainerCallback):
+    """First Ctrl-C: stop after the current step and save a checkpoint. Second: abort."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def installed(self):
+        stopper = self
+
+        class _Scope:
+            def __enter__(self):
+                stopper._previous = signal.signal(signal.SIGINT, stopper._handle)
+
+            def __exit__(self, *exc):
+                signal.signal(signal.SIGINT, stopper._previous)
+
+        return _Scope()
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("Ctrl-C: finishing this step and saving a checkpoint (press again to abort)")
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.requested:
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+
+def _log_to_file(path: Path) -> logging.Handler:
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logging.getLogger().addHandler(handler)
+    return handler
