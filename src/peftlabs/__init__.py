@@ -8,3 +8,9 @@
 """
 
 __version__ = "0.1.0"
+
+import logging as _logging
+
+# Progress lines (step, loss, tok/s, memory) are INFO records of this logger;
+# the CLI prints them and every run also writes them to its train.log.
+_logging.getLogger("peftlabs").setLevel(_logging.INFO)

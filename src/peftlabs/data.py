@@ -196,8 +196,10 @@ def _pick(columns, chosen, candidates, role, flag, required=True):
 
 def _as_classification(dataset, config, split_name):
     columns = dataset.column_names
-    text = _pick(columns, None if split_name != "train" and config.text_column not in columns else config.text_column,
-                 TEXT_COLUMNS, "text", "--text-column")
+    # A named text column applies where it exists; other files of the same
+    # dataset may name it differently (GLUE SST-2: 'sentence' vs 'content').
+    chosen_text = config.text_column if split_name == "train" or config.text_column in columns else None
+    text = _pick(columns, chosen_text, TEXT_COLUMNS, "text", "--text-column")
     label = _pick(columns, config.label_column, LABEL_COLUMNS, "label", "--label-column")
     pair = _pick(columns, config.text_pair_column, PAIR_COLUMNS, "text pair", "--text-pair-column", required=False)
 
@@ -206,8 +208,10 @@ def _as_classification(dataset, config, split_name):
         item["text_pair"] = str(row[pair]) if pair else None
         return item
 
-    keep = [c for c in columns]
-    return dataset.map(normalise, remove_columns=keep)
+    from datasets import Features, Value
+
+    features = Features({"text": Value("string"), "label": Value("string"), "text_pair": Value("string")})
+    return dataset.map(normalise, remove_columns=columns, features=features)
 
 
 def _label_text(value) -> str:

@@ -32,7 +32,7 @@ def demo_config(overrides: dict[str, Any]) -> RunConfig:
 
 def run_demo(config: RunConfig, examples: int = 5) -> dict[str, Any]:
     """Train, evaluate base and tuned on the test split, merge, and print a before/after table."""
-    metrics = train(config)
+    metrics = train(config).metrics
     run_dir = Path(config.output_dir)
 
     # Score base and tuned on the held-out test split.

@@ -102,6 +102,8 @@ def normalise_answer(text: str) -> str:
 def evaluate_split(model, tokenizer, data: TaskData, split, batch_size=16, max_length=256, max_new_tokens=48,
                    progress=True) -> tuple[dict[str, float], list[dict[str, str]]]:
     """Score ``model`` on one normalised split; return metrics and per-example rows."""
+    # datasets returns lazy Column objects; tokenizers and slicing need plain lists.
+    split = {name: list(split[name]) for name in split.column_names}
     if data.task == "classification":
         pairs = split["text_pair"] if any(split["text_pair"]) else None
         ids = classify(model, tokenizer, split["text"], pairs, batch_size, max_length, progress)

@@ -61,7 +61,7 @@ def merge_run(run_dir: str | Path, output: str | Path, tolerance: float = DEFAUL
     task_data = data_module.load_task_data(loaded.config, loaded.info["task"])
     sample_split = task_data.eval.select(range(min(samples, len(task_data.eval))))
     batch = _sample_batch(loaded, task_data, sample_split)
-    prompts = sample_split["prompt"] if loaded.info["task"] == "causal_lm" else None
+    prompts = list(sample_split["prompt"]) if loaded.info["task"] == "causal_lm" else None
 
     # Outputs before merging.
     with torch.no_grad():
@@ -101,7 +101,7 @@ def merge_run(run_dir: str | Path, output: str | Path, tolerance: float = DEFAUL
 def _sample_batch(loaded, task_data, split):
     tokenizer = loaded.tokenizer
     if loaded.info["task"] == "classification":
-        return tokenizer(split["text"], truncation=True, max_length=loaded.config.max_length, padding=True,
+        return tokenizer(list(split["text"]), truncation=True, max_length=loaded.config.max_length, padding=True,
                          return_tensors="pt")
     encoded = [data_module.encode_causal_example(tokenizer, p, r, task_data.instruction, loaded.config.max_length)
                for p, r in zip(split["prompt"], split["response"])]

@@ -99,8 +99,16 @@ def prepare(config: RunConfig) -> Prepared:
     return Prepared(config, method, params, task, data, tokenizer, model, location, device, precision, base_memory)
 
 
-def train(config: RunConfig) -> dict[str, Any]:
-    """Run a whole training job and return its final metrics."""
+@dataclass
+class TrainResult:
+    metrics: dict[str, Any]
+    model: torch.nn.Module  # the trained model, still in memory
+    tokenizer: Any
+    data: data_module.TaskData
+
+
+def train(config: RunConfig) -> TrainResult:
+    """Run a whole training job; return its final metrics and the trained model."""
     run_dir = Path(config.output_dir)
     runs.check_output_dir(run_dir, config.overwrite, config.resume)
     prepared = prepare(config)
@@ -189,7 +197,8 @@ def train(config: RunConfig) -> dict[str, Any]:
              run_dir / runs.ADAPTER_DIR)
     file_handler.close()
     logging.getLogger().removeHandler(file_handler)
-    return metrics
+    model.eval()
+    return TrainResult(metrics, model, tokenizer, data)
 
 
 def _build_trainer(prepared: Prepared, run_dir: Path, train_set, eval_set) -> "PeftLabsTrainer":

@@ -1,0 +1,169 @@
+"""Training, saving, reloading and merging LoRA on tiny models of both task shapes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import tiny_config
+from peftlabs.errors import UserError
+from peftlabs.infer import load_run, predict
+from peftlabs.merge import merge_run
+from peftlabs.train import prepare, train
+
+
+@pytest.fixture(params=["tiny_llama", "tiny_bert"])
+def trained(request, sentences, tmp_path):
+    """A finished LoRA run on one tiny model, with the in-memory model kept for comparison."""
+    model_dir = request.getfixturevalue(request.param)
+    config = tiny_config(model_dir, sentences, tmp_path / "run")
+    result = train(config)
+    return {"config": config, "metrics": result.metrics, "result": result, "run": tmp_path / "run",
+            "model": request.param}
+
+
+def test_run_directory_contents(trained):
+    run = trained["run"]
+
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+    assert (run / "config.yaml").is_file()
+    assert (run / "train.log").read_text().count("step ") >= 3
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["steps"] == 80
+    assert metrics["train_tokens_per_second"] > 0
+    assert metrics["peak_memory_bytes"] > 0
+    assert not list(run.glob(".adapter.tmp-*"))
+
+
+def test_training_learns_task(trained):
+    metrics = trained["metrics"]
+
+    # Two balanced classes: chance is 0.5.
+    assert metrics["eval_accuracy"] >= 0.75
+
+
+def test_training_lowers_loss(trained):
+    log = (trained["run"] / "train.log").read_text()
+    losses = [float(line.split("loss ")[1].split()[0]) for line in log.splitlines() if " loss " in line
+              and "step " in line and "/" in line.split("step ")[1].split()[0]]
+
+    assert len(losses) >= 3
+    assert losses[-1] < losses[0]
+
+
+def test_reload_reproduces_logits(trained):
+    result = trained["result"]
+    loaded = load_run(trained["run"])
+    batch = loaded.tokenizer(["the cat is here", "my red apple near"], padding=True, return_tensors="pt")
+
+    with torch.no_grad():
+        in_memory = result.model(**batch).logits
+        reloaded = loaded.model(**batch).logits
+    assert torch.allclose(in_memory, reloaded, atol=1e-6)
+
+
+def test_reload_reproduces_generation(trained):
+    if trained["model"] != "tiny_llama":
+        pytest.skip("generation applies to the causal LM only")
+    from peftlabs.evaluate import generate
+
+    result = trained["result"]
+    loaded = load_run(trained["run"])
+    prompts = ["the cat is here", "a plum near one", "my old horse"]
+    instruction = result.data.instruction
+
+    before = generate(result.model, result.tokenizer, prompts, instruction, max_new_tokens=4, progress=False)
+    after = generate(loaded.model, loaded.tokenizer, prompts, instruction, max_new_tokens=4, progress=False)
+    assert before == after
+    assert predict(loaded, prompts, max_new_tokens=4) == after
+
+
+def test_merge_matches_adapter(trained, tmp_path):
+    report = merge_run(trained["run"], tmp_path / "merged")
+
+    assert report.max_abs_logit_difference <= report.tolerance
+    assert (tmp_path / "merged" / "model.safetensors").is_file()
+    assert (tmp_path / "merged" / "README.md").is_file()
+    if trained["model"] == "tiny_llama":
+        assert report.generations_identical is True
+
+
+def test_merged_folder_loads_without_peft(trained, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    merge_run(trained["run"], tmp_path / "merged")
+    loaded = load_run(trained["run"])
+    cls = AutoModelForCausalLM if trained["model"] == "tiny_llama" else AutoModelForSequenceClassification
+    merged = cls.from_pretrained(tmp_path / "merged").eval()
+    batch = loaded.tokenizer(["the cat is here", "a plum"], padding=True, return_tensors="pt")
+
+    with torch.no_grad():
+        expected = loaded.model(**batch).logits
+        actual = merged(**batch).logits
+    mask = batch["attention_mask"].bool()
+    if expected.dim() == 3:
+        expected, actual = expected[mask], actual[mask]
+    assert (expected - actual).abs().max().item() < 1e-4
+
+
+def test_adapter_rejected_on_other_base(sentences, tmp_path, tiny_llama, tiny_llama_other):
+    config = tiny_config(tiny_llama, sentences, tmp_path / "run", max_steps=2)
+    train(config)
+
+    with pytest.raises(UserError, match="was trained on base model"):
+        load_run(tmp_path / "run", model=str(tiny_llama_other))
+
+
+def test_existing_output_dir_rejected(sentences, tmp_path, tiny_llama):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "keep.txt").write_text("user data")
+    config = tiny_config(tiny_llama, sentences, tmp_path / "run", max_steps=2)
+
+    with pytest.raises(UserError, match="already exists.*--overwrite"):
+        train(config)
+    assert (tmp_path / "run" / "keep.txt").read_text() == "user data"
+
+
+def test_overwrite_replaces_run(sentences, tmp_path, tiny_llama):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "old.txt").write_text("old run")
+    config = tiny_config(tiny_llama, sentences, tmp_path / "run", max_steps=2, overwrite=True)
+
+    train(config)
+
+    assert not (tmp_path / "run" / "old.txt").exists()
+    assert (tmp_path / "run" / "adapter").is_dir()
+
+
+def test_bad_input_leaves_nothing(sentences, tmp_path, tiny_llama):
+    config = tiny_config(tiny_llama, sentences, tmp_path / "run", label_column="missing")
+
+    with pytest.raises(UserError, match="no column 'missing'"):
+        train(config)
+    assert not (tmp_path / "run").exists()
+
+
+def test_response_only_loss_matches_transformers(tiny_llama, sentences, tmp_path):
+    """The trainer's logits_to_keep loss equals the model's own full-logits loss on left-padded batches."""
+    from peftlabs import data as data_module
+    from peftlabs.train import PeftLabsTrainer, _build_trainer
+
+    config = tiny_config(tiny_llama, sentences, tmp_path / "run")
+    prepared = prepare(config)
+    train_set = data_module.tokenize_split(prepared.data.train, prepared.tokenizer, prepared.data, 32)
+    trainer = _build_trainer(prepared, tmp_path / "run", train_set, train_set)
+    assert isinstance(trainer, PeftLabsTrainer) and trainer.response_only_logits
+    prompts = ["the cat", "a very big old red mango is here near one", "my plum"]
+    examples = [data_module.encode_causal_example(prepared.tokenizer, p, r, prepared.data.instruction, 32)
+                for p, r in zip(prompts, ["animal", "fruit", "fruit"])]
+    batch = trainer.data_collator(examples)
+    assert (batch["attention_mask"][:, 0] == 0).any(), "batch should contain left padding"
+
+    with torch.no_grad():
+        ours = trainer.compute_loss(prepared.model, dict(batch))
+        mask = batch["attention_mask"]
+        reference = prepared.model(input_ids=batch["input_ids"], attention_mask=mask,
+                                   position_ids=(mask.cumsum(-1) - 1).clamp(min=0), labels=batch["labels"]).loss
+    assert abs(ours.item() - reference.item()) < 1e-5
