@@ -185,6 +185,7 @@ def _add_field_flag(parser, flag: str, dest: str, field: dataclasses.Field, hint
         parser.add_argument(f"--{flag}", dest=dest, action=argparse.BooleanOptionalAction,
                             default=argparse.SUPPRESS, help=help_text)
     elif typing.get_origin(base) is list:
+        # Items stay strings here; the method's parse_params converts them to the field's item type.
         parser.add_argument(f"--{flag}", dest=dest, default=argparse.SUPPRESS,
                             type=lambda text: [part.strip() for part in text.split(",") if part.strip()],
                             help=f"{help_text} (comma-separated)")
@@ -230,7 +231,10 @@ def _setup_logging(verbose: bool) -> None:
 
         import transformers
 
+        import datasets
+
         transformers.logging.set_verbosity_error()
+        datasets.disable_progress_bars()
         warnings.filterwarnings("ignore", category=UserWarning)
         warnings.filterwarnings("ignore", category=FutureWarning)
         for name in ("datasets", "httpx", "urllib3", "huggingface_hub"):

@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 DEMO_DIR = Path(__file__).parent / "demo_data"
 DEMO_LABELS = ["account_access", "billing", "feature_request", "shipping", "technical_issue"]
-DEMO_INSTRUCTION = "Classify the support ticket as one of: {labels}. Reply with the category only."
+DEMO_INSTRUCTION = "Classify the support ticket as one of: {labels}."
 
 LOCAL_FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
@@ -59,7 +59,8 @@ def load_task_data(config, task: str) -> TaskData:
                        required=False)
     if task == "classification" or (has_label and not has_prompt):
         splits = {name: _as_classification(ds, config, name) for name, ds in raw.items() if ds is not None}
-        labels = _label_set(splits, config.labels)
+        configured = config.labels or (DEMO_LABELS if config.dataset == "demo" else None)
+        labels = _label_set(splits, configured)
         if task == "classification":
             return TaskData("classification", splits["train"], splits["eval"], splits.get("test"), labels, None)
         instruction = config.instruction or DEMO_INSTRUCTION

@@ -10,6 +10,7 @@ The base model is scored by switching the adapter off inside the same model
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +40,8 @@ def run_demo(config: RunConfig, examples: int = 5) -> dict[str, Any]:
     loaded = load_run(run_dir)
     data = load_task_data(loaded.config, loaded.info["task"])
     test = data.test if data.test is not None else data.eval
-    with loaded.model.disable_adapter():
-        base_scores, base_rows = evaluate_split(loaded.model, loaded.tokenizer, data, test, config.eval_batch_size,
+    with _adapter_disabled(loaded) as base_model:
+        base_scores, base_rows = evaluate_split(base_model, loaded.tokenizer, data, test, config.eval_batch_size,
                                                 config.max_length, config.max_new_tokens)
     tuned_scores, tuned_rows = evaluate_split(loaded.model, loaded.tokenizer, data, test, config.eval_batch_size,
                                               config.max_length, config.max_new_tokens)
@@ -60,6 +61,18 @@ def run_demo(config: RunConfig, examples: int = 5) -> dict[str, Any]:
     print(_examples(base_rows, tuned_rows, examples))
     print(merge_note)
     return result
+
+
+@contextmanager
+def _adapter_disabled(loaded):
+    """Yield the base model: the same weights with the adapter switched off where the library allows it."""
+    if hasattr(loaded.model, "disable_adapter"):
+        with loaded.model.disable_adapter():
+            yield loaded.model
+        return
+    # BitFit overwrote the biases and AdapterHub adapters live inside the layers: load a fresh base.
+    yield loaded.method.load_base(loaded.info["model_location"], loaded.info["task"],
+                                  loaded.info["labels"], loaded.tokenizer, loaded.params)
 
 
 def _table(config, base, tuned, count, metrics) -> str:

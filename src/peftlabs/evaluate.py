@@ -59,12 +59,14 @@ def generate(model, tokenizer, prompts, instruction=None, max_new_tokens=48, bat
     return answers
 
 
-def classification_scores(gold: list[str], predicted: list[str]) -> dict[str, float]:
+def classification_scores(gold: list[str], predicted: list[str], labels: list[str] | None = None) -> dict[str, float]:
+    """Accuracy and macro-F1 over the label set (answers outside it count as wrong, not as a class)."""
     from sklearn.metrics import accuracy_score, f1_score
 
+    labels = labels if labels is not None else sorted(set(gold))
     return {
         "accuracy": float(accuracy_score(gold, predicted)),
-        "macro_f1": float(f1_score(gold, predicted, average="macro", zero_division=0)),
+        "macro_f1": float(f1_score(gold, predicted, labels=labels, average="macro", zero_division=0)),
     }
 
 
@@ -109,14 +111,20 @@ def evaluate_split(model, tokenizer, data: TaskData, split, batch_size=16, max_l
         ids = classify(model, tokenizer, split["text"], pairs, batch_size, max_length, progress)
         predicted = [data.labels[i] for i in ids]
         rows = [{"input": t, "expected": g, "output": p} for t, g, p in zip(split["text"], split["label"], predicted)]
-        return classification_scores(split["label"], predicted), rows
+        return classification_scores(split["label"], predicted, data.labels), rows
 
-    # Generative classification needs only the label's few tokens.
-    new_tokens = 8 if data.generative_classification else max_new_tokens
-    answers = generate(model, tokenizer, split["prompt"], data.instruction, new_tokens, batch_size, progress)
+    # Generative classification needs only the longest label's tokens and the end-of-turn token.
+    new_tokens = max_new_tokens
+    if data.generative_classification:
+        new_tokens = max(len(tokenizer(label, add_special_tokens=False)["input_ids"]) for label in data.labels) + 1
+    # Generate once per distinct prompt: E2E repeats each meaning representation for every reference.
+    unique_prompts = list(dict.fromkeys(split["prompt"]))
+    unique_answers = generate(model, tokenizer, unique_prompts, data.instruction, new_tokens, batch_size, progress)
+    answer_of = dict(zip(unique_prompts, unique_answers))
+    answers = [answer_of[prompt] for prompt in split["prompt"]]
     rows = [{"input": p, "expected": r, "output": a} for p, r, a in zip(split["prompt"], split["response"], answers)]
     if data.generative_classification:
         predicted = [normalise_answer(answer) for answer in answers]
         gold = [label.lower() for label in split["response"]]
-        return classification_scores(gold, predicted), rows
+        return classification_scores(gold, predicted, [label.lower() for label in data.labels]), rows
     return generation_scores(split["prompt"], answers, split["response"]), rows

@@ -9,10 +9,26 @@ from __future__ import annotations
 
 from peftlabs.errors import UserError
 from peftlabs.methods.base import Method
+from peftlabs.methods.bitfit import BitFit
+from peftlabs.methods.bottleneck import BottleneckAdapters
+from peftlabs.methods.ia3 import Ia3
 from peftlabs.methods.lora import Lora
+from peftlabs.methods.p_tuning import PTuning
+from peftlabs.methods.p_tuning_v2 import PTuningV2
+from peftlabs.methods.prefix_tuning import PrefixTuning
+from peftlabs.methods.prompt_tuning import PromptTuning
+from peftlabs.methods.qlora import QLora
 
 _REGISTRY: dict[str, type[Method]] = {
     Lora.name: Lora,
+    QLora.name: QLora,
+    BottleneckAdapters.name: BottleneckAdapters,
+    PromptTuning.name: PromptTuning,
+    PrefixTuning.name: PrefixTuning,
+    Ia3.name: Ia3,
+    BitFit.name: BitFit,
+    PTuning.name: PTuning,
+    PTuningV2.name: PTuningV2,
 }
 
 

@@ -117,7 +117,8 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
             value = [part.strip() for part in value.split(",") if part.strip()]
         if not isinstance(value, list):
             raise UserError(f"invalid {name} {value!r}: it must be a list")
-        return [str(item) for item in value]
+        item_type = (typing.get_args(hint) or (str,))[0]
+        return [_coerce(name, item, item_type) for item in value]
     return value
 
 
@@ -151,6 +152,25 @@ def peft_task_type(task: str):
     from peft import TaskType
 
     return TaskType.CAUSAL_LM if task == "causal_lm" else TaskType.SEQ_CLS
+
+
+def head_parameter_count(model: torch.nn.Module) -> int:
+    """Parameters of the classification head, which every method trains in full."""
+    from peftlabs.models import HEAD_NAMES
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for name in HEAD_NAMES:
+        module = getattr(base, name, None)
+        if isinstance(module, torch.nn.Module):
+            module = getattr(module, "original_module", module)  # peft's modules_to_save wrapper
+            return sum(p.numel() for p in module.parameters())
+    return 0
+
+
+def prompt_token_dim(model: torch.nn.Module) -> tuple[int, int, int]:
+    """(virtual tokens, token dimension, layers) as peft resolved them for a prompt-learning model."""
+    config = model.active_peft_config
+    return config.num_virtual_tokens, config.token_dim, config.num_layers
 
 
 def head_modules(head: str | None) -> list[str] | None:

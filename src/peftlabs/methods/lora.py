@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from peftlabs.errors import UserError
-from peftlabs.methods.base import PeftMethod, head_modules, peft_task_type
+from peftlabs.methods.base import PeftMethod, head_modules, head_parameter_count, peft_task_type
 from peftlabs.models import lora_target_modules
 
 
@@ -25,6 +25,11 @@ class LoraParams:
         default=None,
         metadata={"help": "module names to adapt, or 'all-linear'; default: attention and MLP projections"},
     )
+    layers_to_transform: list[int] | None = field(
+        default=None,
+        metadata={"help": "indices of the transformer layers to adapt; default: all. Adapting only the top "
+                          "layers also stops backpropagation there, which makes each step cheaper"},
+    )
     bias: str = field(default="none", metadata={"help": "train biases too: none, all or lora_only"})
     use_dora: bool = field(default=False, metadata={"help": "DoRA: learn a magnitude vector per output"})
     use_rslora: bool = field(default=False, metadata={"help": "rsLoRA: scale by alpha/sqrt(r)"})
@@ -36,6 +41,8 @@ class LoraParams:
             raise UserError(f"invalid lora.alpha {self.alpha}: it must be greater than 0")
         if not 0 <= self.dropout < 1:
             raise UserError(f"invalid lora.dropout {self.dropout}: it must be in [0, 1)")
+        if self.layers_to_transform is not None and any(index < 0 for index in self.layers_to_transform):
+            raise UserError(f"invalid lora.layers_to_transform {self.layers_to_transform}: indices start at 0")
         if self.bias not in ("none", "all", "lora_only"):
             raise UserError(f"invalid lora.bias '{self.bias}': use none, all or lora_only")
 
@@ -61,7 +68,22 @@ class Lora(PeftMethod):
             lora_dropout=params.dropout,
             target_modules=targets,
             bias=params.bias,
+            layers_to_transform=params.layers_to_transform,
             use_dora=params.use_dora,
             use_rslora=params.use_rslora,
             modules_to_save=head_modules(head),
         )
+
+    def trainable_parameter_formula(self, model, task, params):
+        """r·(d_in + d_out) per adapted matrix, plus d_out for DoRA's magnitude, plus the head."""
+        from peft.tuners.lora import LoraLayer
+
+        if params.bias != "none":
+            return None
+        total = 0
+        for module in model.modules():
+            if isinstance(module, LoraLayer):
+                total += params.r * (module.in_features + module.out_features)
+                if params.use_dora:
+                    total += module.out_features
+        return total + head_parameter_count(model)

@@ -1,0 +1,49 @@
+"""P-tuning v2: deep prompts, trainable key/value vectors at every layer.
+
+P-tuning v2 (Liu et al. 2022, arXiv:2110.07602) puts trainable prompts in
+every layer, with no reparameterisation, and targets natural-language
+understanding (classification) as well as generation. In peft that is
+``PrefixTuningConfig`` with ``prefix_projection=False``; this module offers
+it under its own name with the paper's defaults.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from peftlabs.errors import UserError
+from peftlabs.methods.base import PeftMethod, head_modules, head_parameter_count, peft_task_type, prompt_token_dim
+from peftlabs.methods.prefix_tuning import PREFIX_REFUSAL
+
+
+@dataclass
+class PTuningV2Params:
+    num_virtual_tokens: int = field(default=20, metadata={"help": "prompt length per layer"})
+
+    def validate(self) -> None:
+        if self.num_virtual_tokens <= 0:
+            raise UserError(f"invalid num_virtual_tokens {self.num_virtual_tokens}: it must be positive")
+
+
+class PTuningV2(PeftMethod):
+    name = "p_tuning_v2"
+    trains = "deep prompts: key/value vectors in every layer, no reparameterisation"
+    library_class = "peft.PrefixTuningConfig(prefix_projection=False)"
+    merge_refusal = PREFIX_REFUSAL
+    default_learning_rate = 1e-2
+    Params = PTuningV2Params
+
+    def peft_config(self, model, task, params, head):
+        from peft import PrefixTuningConfig
+
+        return PrefixTuningConfig(
+            task_type=peft_task_type(task),
+            num_virtual_tokens=params.num_virtual_tokens,
+            prefix_projection=False,
+            modules_to_save=head_modules(head),
+        )
+
+    def trainable_parameter_formula(self, model, task, params):
+        """tokens × layers × 2 (key and value) × dim, plus the head."""
+        tokens, dim, layers = prompt_token_dim(model)
+        return tokens * layers * 2 * dim + head_parameter_count(model)

@@ -1,0 +1,64 @@
+"""Prefix tuning: trainable key/value vectors prepended in every attention layer.
+
+Each layer attends to ``num_virtual_tokens`` extra key/value pairs that are
+trained while the model stays frozen (Li and Liang 2021, arXiv:2101.00190).
+With ``prefix_projection`` the prefixes are produced by a two-layer MLP from
+a smaller embedding during training, which the paper found more stable; the
+MLP's output is what matters at inference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from peftlabs.errors import UserError
+from peftlabs.methods.base import PeftMethod, head_modules, head_parameter_count, peft_task_type, prompt_token_dim
+
+PREFIX_REFUSAL = (
+    "the prefix is extra keys and values inside attention, not a change to any weight matrix, so "
+    "there is nothing to fold into the weights; deploy the base model with the adapter attached "
+    "(`peftlabs infer --run ...` loads both)"
+)
+
+
+@dataclass
+class PrefixTuningParams:
+    num_virtual_tokens: int = field(default=20, metadata={"help": "prefix length: key/value pairs per layer"})
+    prefix_projection: bool = field(default=True, metadata={"help": "produce the prefix with a two-layer MLP"})
+    encoder_hidden_size: int = field(default=512, metadata={"help": "hidden size of that MLP"})
+
+    def validate(self) -> None:
+        if self.num_virtual_tokens <= 0:
+            raise UserError(f"invalid num_virtual_tokens {self.num_virtual_tokens}: it must be positive")
+        if self.encoder_hidden_size <= 0:
+            raise UserError(f"invalid encoder_hidden_size {self.encoder_hidden_size}: it must be positive")
+
+
+class PrefixTuning(PeftMethod):
+    name = "prefix_tuning"
+    trains = "key/value prefixes in every attention layer (optionally through an MLP)"
+    library_class = "peft.PrefixTuningConfig"
+    merge_refusal = PREFIX_REFUSAL
+    default_learning_rate = 1e-2
+    Params = PrefixTuningParams
+
+    def peft_config(self, model, task, params, head):
+        from peft import PrefixTuningConfig
+
+        return PrefixTuningConfig(
+            task_type=peft_task_type(task),
+            num_virtual_tokens=params.num_virtual_tokens,
+            prefix_projection=params.prefix_projection,
+            encoder_hidden_size=params.encoder_hidden_size,
+            modules_to_save=head_modules(head),
+        )
+
+    def trainable_parameter_formula(self, model, task, params):
+        """Without projection: tokens × layers × 2 (key and value) × dim. With it: an embedding and a 2-layer MLP."""
+        tokens, dim, layers = prompt_token_dim(model)
+        outputs = layers * 2 * dim
+        if not params.prefix_projection:
+            return tokens * outputs + head_parameter_count(model)
+        hidden = params.encoder_hidden_size
+        mlp = dim * hidden + hidden + hidden * outputs + outputs
+        return tokens * dim + mlp + head_parameter_count(model)
