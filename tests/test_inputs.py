@@ -64,6 +64,11 @@ def test_unknown_yaml_key_rejected():
         build_config({"learnin_rate": 1e-3}, {})
 
 
+def test_other_method_settings_rejected():
+    with pytest.raises(UserError, match="settings for method 'lora' were given but the method is 'qlora'"):
+        build_config({"method": "qlora", "lora": {"r": 4}}, {})
+
+
 def test_unknown_method_setting_rejected():
     with pytest.raises(UserError, match="unknown lora setting 'rank'"):
         build_config({"lora": {"rank": 8}}, {})

@@ -60,6 +60,9 @@ def _demo(args) -> int:
 
     values = _cli_values(args)
     file_values = read_yaml(args.config) if args.config else read_yaml(DEMO_CONFIG)
+    if "method" in values and not args.config:
+        # The preset's LoRA section does not apply to another method.
+        file_values.pop(file_values.get("method", "lora"), None)
     values.setdefault("overwrite", True)
     run_demo(build_config(file_values, values))
     return 0
@@ -102,12 +105,22 @@ def _merge(args) -> int:
 def _methods(args) -> int:
     from peftlabs.methods import get_method, method_names
 
+    counts = {} if args.no_counts else _bundled_model_counts()
     for name in method_names():
         method = get_method(name)
         merge = "yes" if method.mergeable else "no"
         print(f"{name}\n  trains: {method.trains}\n  class: {method.library_class}\n"
               f"  tasks: {', '.join(method.tasks)}\n  mergeable: {merge}")
+        for model, count in counts.get(name, {}).items():
+            print(f"  trainable on {model}: {count}")
     return 0
+
+
+def _bundled_model_counts() -> dict:
+    """Trainable parameters of each method with its defaults on both bundled models, cached on disk."""
+    from peftlabs.methods import count_on_bundled_models
+
+    return count_on_bundled_models()
 
 
 # ---------------------------------------------------------------------------
@@ -149,6 +162,8 @@ def _build_parser() -> argparse.ArgumentParser:
     merge.set_defaults(handler=_merge)
 
     methods = commands.add_parser("methods", help="list the PEFT methods")
+    methods.add_argument("--no-counts", action="store_true",
+                         help="skip the trainable-parameter counts on the bundled models (first run: about a minute)")
     methods.set_defaults(handler=_methods)
     return parser
 

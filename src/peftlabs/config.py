@@ -195,8 +195,14 @@ def validate(config: RunConfig) -> None:
         if value is not None and (not isinstance(value, int) or value <= 0):
             raise UserError(f"invalid {name} {value!r}: it must be a positive integer")
 
-    # Method hyperparameters are checked by the method that owns them.
+    # Method hyperparameters are checked by the method that owns them; settings of
+    # another method would be ignored silently, so they are an error.
     for method_name, args in config.method_args.items():
+        if method_name != config.method:
+            raise UserError(
+                f"settings for method '{method_name}' were given but the method is '{config.method}': "
+                f"use --{config.method}.NAME flags or a '{config.method}:' section"
+            )
         get_method(method_name).parse_params(args)
 
 

@@ -1,4 +1,4 @@
-"""What every method provides, and the shared code of the peft-backed ones."""
+"""The method interface, and the shared code of the peft-backed methods."""
 
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ class Method:
         return params
 
     def load_base(self, location: str, task: str, labels, tokenizer, params: Any, trust_remote_code: bool = False):
-        """Load the frozen base model this method is applied to (fp32 unless the method says otherwise)."""
+        """Load the frozen base model for this method (fp32 unless the method overrides this)."""
         from peftlabs.models import load_base_model
 
         return load_base_model(location, task, labels, tokenizer, trust_remote_code=trust_remote_code)

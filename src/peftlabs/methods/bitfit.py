@@ -1,8 +1,8 @@
 """BitFit: train only the bias terms (and the classification head).
 
 Every weight matrix stays frozen; only the additive bias vectors change
-(Ben Zaken et al. 2022, arXiv:2106.10199). The adapter file holds just those
-tensors and is applied by writing them into a fresh base model, so a
+(Ben Zaken et al. 2022, arXiv:2106.10199). The adapter file contains just those
+tensors and is applied by copying them into a fresh base model, so a
 "merged" BitFit model is simply the base with its biases replaced.
 """
 
