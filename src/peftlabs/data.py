@@ -73,6 +73,13 @@ def load_task_data(config, task: str) -> TaskData:
     return TaskData("causal_lm", splits["train"], splits["eval"], splits.get("test"), None, config.instruction)
 
 
+def check_data_paths(config) -> None:
+    """Reject a missing local dataset file before any model is loaded or converted."""
+    for path in (config.dataset, config.eval_dataset):
+        if path and path != "demo" and Path(path).suffix.lower() in LOCAL_FORMATS and not Path(path).is_file():
+            raise UserError(f"dataset file not found: {path}: check the path")
+
+
 def _load_splits(config) -> dict[str, Any]:
     """Return {"train", "eval", "test"} datasets (test may be None) before column checks."""
     spec = config.dataset

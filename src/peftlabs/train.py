@@ -77,7 +77,8 @@ def prepare(config: RunConfig) -> Prepared:
     device = pick_device(config.device)
     precision = pick_precision(config.precision, device)
 
-    # Model location and task shape.
+    # Model location and task shape (cheap input checks first: resolving an alias may convert a GGUF file).
+    data_module.check_data_paths(config)
     location = resolve_model(config.model)
     model_config = read_model_config(location, config.trust_remote_code)
     task = detect_task(model_config) if config.task == "auto" else config.task
