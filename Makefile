@@ -1,6 +1,5 @@
 # make demo   create .venv, install, run the demo job on the bundled defaults
 # make test   create .venv, install, run the test suite
-# make labs   execute every lab notebook in full mode into build/labs
 
 PYTHON ?= python3
 VENV := .venv
@@ -9,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 # Extra pip flags for torch, e.g. TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
 TORCH_PIP_ARGS ?=
 
-.PHONY: demo test test-fast labs clean
+.PHONY: demo test test-fast clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -31,4 +30,4 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not integration"
 
 clean:
-	rm -rf $(VENV) build runs
+	rm -rf $(VENV) build runs merged

@@ -194,19 +194,23 @@ def _config_class():
 
 def _add_field_flag(parser, flag: str, dest: str, field: dataclasses.Field, hint) -> None:
     help_text = field.metadata.get("help", "")
+    # Accept both spellings of method names in flags: --prompt_tuning.x and --prompt-tuning.x.
+    names = [f"--{flag}"]
+    if "." in flag and "_" in flag.split(".")[0]:
+        names.append("--" + flag.replace("_", "-"))
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     base = args[0] if args else hint
     if base is bool:
-        parser.add_argument(f"--{flag}", dest=dest, action=argparse.BooleanOptionalAction,
+        parser.add_argument(*names, dest=dest, action=argparse.BooleanOptionalAction,
                             default=argparse.SUPPRESS, help=help_text)
     elif typing.get_origin(base) is list:
         # Items stay strings here; the method's parse_params converts them to the field's item type.
-        parser.add_argument(f"--{flag}", dest=dest, default=argparse.SUPPRESS,
+        parser.add_argument(*names, dest=dest, default=argparse.SUPPRESS,
                             type=lambda text: [part.strip() for part in text.split(",") if part.strip()],
                             help=f"{help_text} (comma-separated)")
     else:
         kind = base if base in (int, float) else str
-        parser.add_argument(f"--{flag}", dest=dest, type=kind, default=argparse.SUPPRESS, help=help_text)
+        parser.add_argument(*names, dest=dest, type=kind, default=argparse.SUPPRESS, help=help_text)
 
 
 def _cli_values(args) -> dict:
