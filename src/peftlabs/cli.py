@@ -149,7 +149,7 @@ def _build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     infer.add_argument("--model", help="base model to load instead of the recorded one (must match it)")
     infer.add_argument("--batch-size", type=int, default=16, help="inputs per forward pass")
-    infer.add_argument("--max-new-tokens", type=int, help="tokens to generate per answer")
+    infer.add_argument("--max-new-tokens", type=int, help="max tokens to generate per response")
     infer.set_defaults(handler=_infer)
 
     merge = commands.add_parser("merge", help="fold the adapter into the base weights and verify")

@@ -76,7 +76,7 @@ def load_run(run_dir: str | Path, model: str | None = None) -> LoadedRun:
 
 
 def read_inputs(path: Path) -> list[str]:
-    """One input per line of a .txt file, or the 'text'/'prompt' field of each JSONL line."""
+    """Read one input per line of a .txt file, or the 'text' or 'prompt' field of each JSONL line."""
     if not path.is_file():
         raise UserError(f"input file not found: {path}: check the path")
     lines = [line for line in path.read_text().splitlines() if line.strip()]
@@ -99,7 +99,7 @@ def read_inputs(path: Path) -> list[str]:
 
 def predict(loaded: LoadedRun, inputs: list[str], batch_size: int = 16, max_new_tokens: int | None = None,
             progress: bool = False) -> list[str]:
-    """Return one answer (causal LM) or label (classification) per input."""
+    """Return one generated response (causal LM) or label (classification) per input."""
     info = loaded.info
     if info["task"] == "classification":
         ids = classify(loaded.model, loaded.tokenizer, inputs, None, batch_size, loaded.config.max_length, progress)

@@ -82,7 +82,7 @@ def write_json_atomic(path: Path, data: Any) -> None:
 
 
 def read_run(path: Path) -> dict[str, Any]:
-    """Read run.json of a finished run, with errors that say what is missing."""
+    """Read run.json of a finished run, raising an error that names what is missing."""
     path = Path(path)
     if not path.is_dir():
         raise UserError(f"run directory not found: {path}: pass the --output-dir of a training run")

@@ -45,7 +45,7 @@ class Ia3(PeftMethod):
         )
 
     def trainable_parameter_formula(self, model, task, params):
-        """One value per input feature of feed-forward targets, per output feature of the others."""
+        """Count one value per input feature of feed-forward targets and per output feature of the others."""
         from peft.tuners.ia3 import IA3Layer
 
         total = 0
