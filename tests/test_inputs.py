@@ -103,6 +103,18 @@ def test_demo_dataset_has_fixed_splits():
     assert len(data.labels) == 5
 
 
+@pytest.mark.parametrize("split, rows", [("validation", 120), ("test", 150)])
+def test_demo_eval_split_is_honoured(split, rows):
+    data = load_task_data(build_config({}, {"model": "minilm-l6", "eval_split": split}), "classification")
+
+    assert len(data.eval) == rows
+
+
+def test_demo_unknown_eval_split_rejected():
+    with pytest.raises(UserError, match="demo dataset has no split 'dev'"):
+        load_task_data(build_config({}, {"eval_split": "dev"}), "classification")
+
+
 def test_demo_as_generation_uses_labels_in_instruction():
     data = load_task_data(build_config({}, {}), "causal_lm")
 
@@ -174,6 +186,16 @@ def test_folder_without_config_rejected(tmp_path):
 
     with pytest.raises(UserError, match="no config.json"):
         resolve_model(str(tmp_path))
+
+
+def test_causal_lm_on_encoder_rejected(tmp_path, tiny_bert, sentences):
+    from peftlabs.train import train
+
+    config = tiny_config(tiny_bert, sentences, tmp_path / "run", task="causal_lm")
+
+    with pytest.raises(UserError, match="is an encoder .* cannot be trained as a causal LM: use --task classification"):
+        train(config)
+    assert not (tmp_path / "run").exists()
 
 
 def test_chatml_tokenizer_fixed(tmp_path, tiny_llama):

@@ -44,7 +44,7 @@ PROBE = ["the cat is here", "a plum near one", "my old horse is very big"]
 # Cases that do not beat chance within 80 steps on a random 2-layer model, at any learning
 # rate tried (1e-3 to 3e-2): prompt-style methods and (IA)³ only add inputs or rescale
 # activations of weights that carry no knowledge yet. Their learning is checked by the
-# loss test here and on the real bundled models in test_real_models.py.
+# loss test here, and every method must beat chance on the real MiniLM in test_real_methods.py.
 WEAK_ON_RANDOM_MODELS = {
     ("adapters", "tiny_bert"), ("prompt_tuning", "tiny_llama"), ("prefix_tuning", "tiny_llama"),
     ("ia3", "tiny_llama"), ("bitfit", "tiny_bert"), ("p_tuning", "tiny_llama"), ("p_tuning", "tiny_bert"),

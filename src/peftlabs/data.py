@@ -84,10 +84,12 @@ def _load_splits(config) -> dict[str, Any]:
     """Return {"train", "eval", "test"} datasets (test may be None) before column checks."""
     spec = config.dataset
     if spec == "demo":
-        train = _read_local(DEMO_DIR / "tickets_train.jsonl")
+        eval_split = config.eval_split or "validation"
+        if eval_split not in ("validation", "test"):
+            raise UserError(f"the demo dataset has no split '{eval_split}': use --eval-split validation or test")
         splits = {
-            "train": train,
-            "eval": _read_local(DEMO_DIR / "tickets_validation.jsonl"),
+            "train": _read_local(DEMO_DIR / "tickets_train.jsonl"),
+            "eval": _read_local(DEMO_DIR / f"tickets_{eval_split}.jsonl"),
             "test": _read_local(DEMO_DIR / "tickets_test.jsonl"),
         }
     elif Path(spec).suffix.lower() in LOCAL_FORMATS or Path(spec).exists():

@@ -194,6 +194,17 @@ def detect_task(model_config) -> str:
     return "causal_lm"
 
 
+def check_task_fits_model(model_config, task: str, model_spec: str) -> None:
+    """Refuse a causal-LM run on an encoder-only model: it has no language-model head to generate with."""
+    architectures = model_config.architectures or []
+    is_generator = any(name.endswith(("ForCausalLM", "LMHeadModel")) for name in architectures)
+    if task == "causal_lm" and model_config.model_type in ENCODER_MODEL_TYPES and not is_generator:
+        raise UserError(
+            f"model '{model_spec}' is an encoder ({model_config.model_type}) and cannot be trained as a causal LM: "
+            f"use --task classification, or choose a decoder model such as smollm2-135m-instruct"
+        )
+
+
 def load_tokenizer(location: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 

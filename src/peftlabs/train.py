@@ -31,6 +31,7 @@ from peftlabs.hardware import format_bytes, peak_memory_bytes, pick_device, pick
 from peftlabs.methods import get_method
 from peftlabs.models import (
     base_fingerprint,
+    check_task_fits_model,
     classification_head_name,
     count_parameters,
     detect_task,
@@ -82,6 +83,7 @@ def prepare(config: RunConfig) -> Prepared:
     location = resolve_model(config.model)
     model_config = read_model_config(location, config.trust_remote_code)
     task = detect_task(model_config) if config.task == "auto" else config.task
+    check_task_fits_model(model_config, task, config.model)
     if task not in method.tasks:
         method.check(None, task, params)
 
