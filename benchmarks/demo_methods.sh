@@ -13,7 +13,7 @@ common=(--model smollm2-135m-instruct --dataset demo --eval-split test --epochs 
 # Learning rates follow each method's usual range: prompt-style methods and (IA)3
 # need a larger step than LoRA because they train far fewer values.
 declare -A rate=([lora]=3e-3 [qlora]=3e-3 [adapters]=1e-3 [ia3]=3e-2 [prompt_tuning]=3e-2
-                 [prefix_tuning]=1e-2 [p_tuning]=1e-2 [p_tuning_v2]=1e-2)
+                 [prefix_tuning]=1e-3 [p_tuning]=1e-2 [p_tuning_v2]=1e-2)
 
 for method in lora qlora adapters ia3 prompt_tuning prefix_tuning p_tuning p_tuning_v2; do
     if [[ -f "$out/$method/metrics.json" ]]; then
