@@ -3,10 +3,10 @@
     peftlabs runs runs/                      # one line per run in the folder
     peftlabs runs --compare runs/a runs/b    # the settings and versions that differ
 
-Every run.json holds the seed, the library versions, the git commit of the
+Every run.json records the seed, the library versions, the git commit of the
 peftlabs code (and whether its tree had uncommitted changes) and a SHA-256
-fingerprint of the training and eval data as loaded; metrics.json holds the
-final metrics. Together with config.yaml that is enough to tell two runs apart.
+fingerprint of the training and eval data as loaded. metrics.json contains
+the final metrics. Together with config.yaml that is enough to tell two runs apart.
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ def list_runs(folder: Path) -> list[dict[str, Any]]:
     """Summaries of the run directories (folders with a config.yaml) directly inside ``folder``."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise UserError(f"runs folder not found: {folder}: pass the folder that holds your run directories")
+        raise UserError(f"runs folder not found: {folder}: pass the folder that contains your run directories")
     run_dirs = sorted(child for child in folder.iterdir() if (child / "config.yaml").is_file())
     return [summarize_run(run_dir) for run_dir in run_dirs]
 
