@@ -1,4 +1,4 @@
-"""Command-line entry point: `peftlabs train | infer | merge | demo | methods`.
+"""Command-line entry point: `peftlabs train | infer | merge | demo | methods | runs`.
 
 Every setting of RunConfig and every method hyperparameter becomes a flag:
 ``--learning-rate 1e-3``, ``--lora.r 16``. Flags override the YAML file given
@@ -116,6 +116,18 @@ def _methods(args) -> int:
     return 0
 
 
+def _runs(args) -> int:
+    from peftlabs import records
+
+    if args.compare:
+        first, second = (Path(path) for path in args.compare)
+        print(records.format_comparison(first, second, records.compare_runs(first, second)))
+        return 0
+    rows = records.list_runs(Path(args.folder))
+    print(records.format_table(rows) if rows else f"no run directories in {args.folder}")
+    return 0
+
+
 def _bundled_model_counts() -> dict:
     """Trainable parameters of each method with its defaults on both bundled models, cached on disk."""
     from peftlabs.methods import count_on_bundled_models
@@ -165,6 +177,12 @@ def _build_parser() -> argparse.ArgumentParser:
     methods.add_argument("--no-counts", action="store_true",
                          help="skip the trainable-parameter counts on the bundled models (first run: about a minute)")
     methods.set_defaults(handler=_methods)
+
+    runs = commands.add_parser("runs", help="list the runs in a folder, or compare two runs' settings")
+    runs.add_argument("folder", nargs="?", default="runs", help="folder that holds run directories (default: runs)")
+    runs.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"),
+                      help="print the settings, versions, code commit and data fingerprints that differ")
+    runs.set_defaults(handler=_runs)
     return parser
 
 

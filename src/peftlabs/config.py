@@ -95,6 +95,10 @@ class RunConfig:
     logging_steps: int = _help("log loss and throughput every N steps", default=10)
     eval_steps: int | None = _help("also compute the eval loss every N steps during training", default=None)
     final_eval: bool = _help("score the eval split after training (by generation for causal LMs)", default=True)
+    report_to: list[str] | None = _help(
+        "experiment trackers that also log the run: tensorboard, mlflow (files inside the run directory)",
+        default=None,
+    )
 
     # Method hyperparameters: {method name: {field: value}}, checked by the method.
     method_args: dict[str, dict[str, Any]] = field(default_factory=dict, metadata={"help": "per-method settings"})
@@ -194,6 +198,18 @@ def validate(config: RunConfig) -> None:
         value = getattr(config, name)
         if value is not None and (not isinstance(value, int) or value <= 0):
             raise UserError(f"invalid {name} {value!r}: it must be a positive integer")
+
+    from peftlabs.tracking import check_trackers
+
+    if isinstance(config.report_to, str):  # YAML may give one name or a comma-separated string
+        config.report_to = [name.strip() for name in config.report_to.split(",") if name.strip()]
+    check_trackers(config.report_to)
+    method = get_method(config.method)
+    if config.gradient_checkpointing and method.gradient_checkpointing_refusal:
+        raise UserError(
+            f"method '{config.method}' cannot train with gradient checkpointing: "
+            f"{method.gradient_checkpointing_refusal}; pass --no-gradient-checkpointing"
+        )
 
     # Method hyperparameters are checked by the method that owns them; settings of
     # another method would be ignored silently, so they are an error.

@@ -12,23 +12,27 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import signal
 import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import PartialState
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import ProgressCallback
 
 from peftlabs import data as data_module
-from peftlabs import runs
+from peftlabs import records, runs, tracking
 from peftlabs.config import RunConfig, write_yaml
 from peftlabs.errors import UserError
 from peftlabs.evaluate import classification_scores, evaluate_split
 from peftlabs.hardware import format_bytes, peak_memory_bytes, pick_device, pick_precision
 from peftlabs.methods import get_method
+from peftlabs.methods.base import PeftMethod
 from peftlabs.models import (
     base_fingerprint,
     check_task_fits_model,
@@ -111,25 +115,173 @@ class TrainResult:
 
 
 def train(config: RunConfig) -> TrainResult:
-    """Run a whole training job; return its final metrics and the trained model."""
-    run_dir = Path(config.output_dir)
-    runs.check_output_dir(run_dir, config.overwrite, config.resume)
-    prepared = prepare(config)
-    method, data, tokenizer, model = prepared.method, prepared.data, prepared.tokenizer, prepared.model
+    """Run a whole training job; return its final metrics and the trained model.
 
-    # Tokenise; dynamic padding happens per batch in the collator.
-    train_set = data_module.tokenize_split(data.train, tokenizer, data, config.max_length)
-    eval_set = data_module.tokenize_split(data.eval, tokenizer, data, config.max_length)
+    Under ``accelerate launch`` every process runs this function with the same
+    config (data parallelism); only the main process writes the run directory.
+    """
+    run_dir = Path(config.output_dir)
+    state = PartialState(cpu=pick_device(config.device) == "cpu")
+    is_main = state.is_main_process
+    if not is_main:
+        log.setLevel(logging.WARNING)  # the main process logs for all of them
+
+    # Every process checks the folder before the main one may create it.
+    check_sharding(config.method)
+    runs.check_output_dir(run_dir, config.overwrite, config.resume)
+    state.wait_for_everyone()
+
+    # The main process loads and tokenises first, so the others read the datasets cache.
+    with state.main_process_first():
+        prepared = prepare(config)
+        method, data, tokenizer, model = prepared.method, prepared.data, prepared.tokenizer, prepared.model
+
+        # Tokenise; dynamic padding happens per batch in the collator.
+        train_set = data_module.tokenize_split(data.train, tokenizer, data, config.max_length)
+        eval_set = data_module.tokenize_split(data.eval, tokenizer, data, config.max_length)
 
     # Only now, with every input checked, touch the run directory.
-    if config.overwrite and not config.resume:
-        runs.replace_dir(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    file_handler = _log_to_file(run_dir / "train.log")
-    write_yaml(config, run_dir / "config.yaml")
     trainable, total = count_parameters(model)
-    run_info = {
-        "method": method.name,
+    file_handler = None
+    if is_main:
+        if config.overwrite and not config.resume:
+            runs.replace_dir(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        file_handler = _log_to_file(run_dir / "train.log")
+        write_yaml(config, run_dir / "config.yaml")
+        runs.write_json_atomic(run_dir / "run.json", _run_record(prepared, trainable, total, state.num_processes))
+    state.wait_for_everyone()
+
+    log.info("method %s on %s (%s), %s / %s parameters trainable (%.3f%%)", method.name, config.model, data.task,
+             f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+    log.info("base model memory %s; device %s, precision %s; %d train / %d eval examples; %d process%s",
+             format_bytes(prepared.base_memory_bytes), prepared.device, prepared.precision,
+             len(train_set), len(eval_set), state.num_processes, "" if state.num_processes == 1 else "es")
+
+    trainer = _build_trainer(prepared, run_dir, train_set, eval_set)
+    accelerator = trainer.accelerator
+
+    # Train; the first Ctrl-C finishes the current step and saves a checkpoint.
+    resume_from = None
+    if config.resume:
+        if is_main:
+            runs.remove_incomplete_checkpoints(run_dir)
+        accelerator.wait_for_everyone()
+        checkpoint = runs.last_complete_checkpoint(run_dir)
+        resume_from = str(checkpoint) if checkpoint else None
+        if is_main:
+            tracking.truncate_log(run_dir / tracking.LOG_FILE, int(checkpoint.name.split("-")[1]) if checkpoint else 0)
+        log.info("resuming from %s", checkpoint or "the start (no complete checkpoint)")
+    started = time.perf_counter()
+    stopper = _GracefulStop()
+    trainer.add_callback(stopper)
+    with stopper.installed(), tracking.mlflow_store(run_dir, config.report_to, is_main):
+        result = trainer.train(resume_from_checkpoint=resume_from)
+        if stopper.requested:
+            if file_handler:
+                file_handler.close()
+            raise Interrupted(run_dir, trainer.state.global_step)
+        train_seconds = time.perf_counter() - started
+
+        # Save the adapter in one atomic step.
+        _save_adapter(trainer, method, model, run_dir, is_main)
+
+        # Throughput over all processes: each one counted only its own batches.
+        counter = trainer.token_counter
+        tokens = int(accelerator.reduce(torch.tensor(counter.tokens, device=accelerator.device), "sum"))
+        metrics: dict[str, Any] = {
+            "train_loss": result.training_loss,
+            "train_seconds": round(train_seconds, 2),
+            "train_tokens": tokens,
+            "train_tokens_per_second": round(tokens / max(counter.seconds, 1e-9), 1),
+            "peak_memory_bytes": peak_memory_bytes(prepared.device),
+            "base_memory_bytes": prepared.base_memory_bytes,
+            "trainable_parameters": trainable,
+            "total_parameters": total,
+            "steps": trainer.state.global_step,
+            "processes": state.num_processes,
+        }
+
+        # Final evaluation: the eval loss is computed by all processes together,
+        # the generation-based scores by the main process alone.
+        summary = "eval skipped (final_eval false)"
+        if config.final_eval:
+            metrics["eval_loss"] = trainer.evaluate().get("eval_loss")
+            if is_main:
+                scores, _ = evaluate_split(model, tokenizer, data, data.eval, config.eval_batch_size,
+                                           config.max_length, config.max_new_tokens)
+                metrics.update({f"eval_{name}": value for name, value in scores.items()})
+            summary = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("eval_")
+                                and isinstance(v, float))
+
+    if is_main:
+        final = {key: value for key, value in metrics.items() if key.startswith("eval_")}
+        tracking.append_record(run_dir / tracking.LOG_FILE, {"step": trainer.state.global_step, "final": True,
+                                                             **final})
+        runs.write_json_atomic(run_dir / "metrics.json", metrics)
+    accelerator.wait_for_everyone()
+
+    log.info("done in %.0f s: %s  %s tok/s  peak %s; adapter in %s", train_seconds, summary,
+             f"{metrics['train_tokens_per_second']:,.0f}", format_bytes(metrics["peak_memory_bytes"]),
+             run_dir / runs.ADAPTER_DIR)
+    if file_handler:
+        file_handler.close()
+        logging.getLogger().removeHandler(file_handler)
+    model.eval()
+    return TrainResult(metrics, model, tokenizer, data)
+
+
+def sharding_backend() -> str | None:
+    """'FSDP' or 'DeepSpeed' when `accelerate launch` set up sharded training, else None."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        return "FSDP"
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        return "DeepSpeed"
+    return None
+
+
+def check_sharding(method_name: str) -> None:
+    """Reject methods that cannot be trained or saved under FSDP or DeepSpeed here."""
+    backend = sharding_backend()
+    if backend is None:
+        return
+    method = get_method(method_name)
+    if backend == "FSDP" and method.name == "qlora":
+        # TODO: FSDP-QLoRA needs bnb_4bit_quant_storage equal to the model's float dtype
+        # (bfloat16) and the model loaded in that dtype; the qlora method keeps uint8 storage.
+        raise UserError(
+            "qlora cannot run under FSDP yet: FSDP shards only float tensors and the qlora method stores "
+            "4-bit weights as uint8; train qlora with DDP (configs/accelerate/ddp.yaml)"
+        )
+    if not isinstance(method, PeftMethod):
+        raise UserError(
+            f"method '{method.name}' cannot be saved from {backend} shards (only peft-backed methods are "
+            f"gathered): train it with DDP (configs/accelerate/ddp.yaml)"
+        )
+
+
+def _save_adapter(trainer, method, model, run_dir: Path, is_main: bool) -> None:
+    """Write the adapter on the main process; under FSDP or DeepSpeed gather it from the shards first."""
+    accelerator = trainer.accelerator
+    state_dict = None
+    if sharding_backend():
+        # NOTE: not run in this project's tests (they have no GPUs); accelerate gathers the
+        # full state dict on the main process (FULL_STATE_DICT, zero3_save_16bit_model).
+        state_dict = accelerator.get_state_dict(trainer.model_wrapped)
+    if is_main:
+        with runs.atomic_dir(run_dir / runs.ADAPTER_DIR) as staging:
+            if state_dict is None:
+                method.save(model, staging)
+            else:
+                model.save_pretrained(str(staging), state_dict=state_dict, safe_serialization=True)
+    accelerator.wait_for_everyone()
+
+
+def _run_record(prepared: Prepared, trainable: int, total: int, processes: int) -> dict[str, Any]:
+    """Contents of run.json: what the run was, and what it needs to be reproduced."""
+    config, data, model = prepared.config, prepared.data, prepared.model
+    return {
+        "method": prepared.method.name,
         "model": config.model,
         "model_location": prepared.model_location,
         "task": data.task,
@@ -139,69 +291,16 @@ def train(config: RunConfig) -> TrainResult:
         "base_fingerprint": base_fingerprint(model.get_base_model() if hasattr(model, "get_base_model") else model),
         "trainable_parameters": trainable,
         "total_parameters": total,
+        "seed": config.seed,
+        "processes": processes,
+        "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "versions": library_versions(),
+        "code": records.code_version(),
+        "data_fingerprint": {
+            "train": records.data_fingerprint(data.train),
+            "eval": records.data_fingerprint(data.eval),
+        },
     }
-    runs.write_json_atomic(run_dir / "run.json", run_info)
-
-    log.info("method %s on %s (%s), %s / %s parameters trainable (%.3f%%)", method.name, config.model, data.task,
-             f"{trainable:,}", f"{total:,}", 100 * trainable / total)
-    log.info("base model memory %s; device %s, precision %s; %d train / %d eval examples",
-             format_bytes(prepared.base_memory_bytes), prepared.device, prepared.precision,
-             len(train_set), len(eval_set))
-
-    trainer = _build_trainer(prepared, run_dir, train_set, eval_set)
-
-    # Train; the first Ctrl-C finishes the current step and saves a checkpoint.
-    resume_from = None
-    if config.resume:
-        runs.remove_incomplete_checkpoints(run_dir)
-        checkpoint = runs.last_complete_checkpoint(run_dir)
-        resume_from = str(checkpoint) if checkpoint else None
-        log.info("resuming from %s", checkpoint or "the start (no complete checkpoint)")
-    started = time.perf_counter()
-    stopper = _GracefulStop()
-    trainer.add_callback(stopper)
-    with stopper.installed():
-        result = trainer.train(resume_from_checkpoint=resume_from)
-    if stopper.requested:
-        file_handler.close()
-        raise Interrupted(run_dir, trainer.state.global_step)
-    train_seconds = time.perf_counter() - started
-
-    # Save the adapter in one atomic step.
-    with runs.atomic_dir(run_dir / runs.ADAPTER_DIR) as staging:
-        method.save(model, staging)
-
-    # Final evaluation on the eval split.
-    counter = trainer.token_counter
-    metrics: dict[str, Any] = {
-        "train_loss": result.training_loss,
-        "train_seconds": round(train_seconds, 2),
-        "train_tokens": counter.tokens,
-        "train_tokens_per_second": round(counter.tokens / max(counter.seconds, 1e-9), 1),
-        "peak_memory_bytes": peak_memory_bytes(prepared.device),
-        "base_memory_bytes": prepared.base_memory_bytes,
-        "trainable_parameters": trainable,
-        "total_parameters": total,
-        "steps": trainer.state.global_step,
-    }
-    summary = "eval skipped (final_eval false)"
-    if config.final_eval:
-        metrics["eval_loss"] = trainer.evaluate().get("eval_loss")
-        scores, _ = evaluate_split(model, tokenizer, data, data.eval, config.eval_batch_size, config.max_length,
-                                   config.max_new_tokens)
-        metrics.update({f"eval_{name}": value for name, value in scores.items()})
-        summary = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("eval_")
-                            and isinstance(v, float))
-    runs.write_json_atomic(run_dir / "metrics.json", metrics)
-
-    log.info("done in %.0f s: %s  %s tok/s  peak %s; adapter in %s", train_seconds, summary,
-             f"{metrics['train_tokens_per_second']:,.0f}", format_bytes(metrics["peak_memory_bytes"]),
-             run_dir / runs.ADAPTER_DIR)
-    file_handler.close()
-    logging.getLogger().removeHandler(file_handler)
-    model.eval()
-    return TrainResult(metrics, model, tokenizer, data)
 
 
 def _build_trainer(prepared: Prepared, run_dir: Path, train_set, eval_set) -> "PeftLabsTrainer":
@@ -225,6 +324,10 @@ def _build_trainer(prepared: Prepared, run_dir: Path, train_set, eval_set) -> "P
         use_cpu=prepared.device == "cpu",
         group_by_length=config.group_by_length,
         gradient_checkpointing=config.gradient_checkpointing,
+        # Non-reentrant checkpointing: the reentrant form drops the gradient when
+        # the checkpointed block's inputs do not require grad, which is the case
+        # for every frozen base model here (the loss then has no grad_fn).
+        gradient_checkpointing_kwargs={"use_reentrant": False},
         dataloader_num_workers=config.dataloader_workers,
         logging_steps=config.logging_steps,
         save_strategy="steps",
@@ -232,7 +335,8 @@ def _build_trainer(prepared: Prepared, run_dir: Path, train_set, eval_set) -> "P
         save_total_limit=2,
         eval_strategy="steps" if config.eval_steps else "no",
         eval_steps=config.eval_steps,
-        report_to=[],
+        report_to=config.report_to or [],
+        logging_dir=str(run_dir / tracking.TENSORBOARD_DIR),
         remove_unused_columns=False,
         disable_tqdm=False,
         label_names=["labels"],
@@ -252,6 +356,7 @@ def _build_trainer(prepared: Prepared, run_dir: Path, train_set, eval_set) -> "P
     )
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(UnitsProgressCallback(trainer.token_counter, prepared.device))
+    trainer.add_callback(tracking.JsonlLogCallback(run_dir / tracking.LOG_FILE, trainer.token_counter))
     return trainer
 
 
@@ -331,6 +436,10 @@ class PeftLabsTrainer(Trainer):
         )
         count = num_items_in_batch if num_items_in_batch is not None else (targets != -100).sum()
         loss = loss / count.to(loss.device) if torch.is_tensor(count) else loss / count
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            # The count is over all processes' batches and DDP averages the gradients over
+            # processes, so each process's share is scaled back up, as Trainer.compute_loss does.
+            loss = loss * self.accelerator.num_processes
         return (loss, outputs) if return_outputs else loss
 
     def training_step(self, model, inputs, num_items_in_batch=None):

@@ -27,6 +27,7 @@ class Method:
     mergeable: ClassVar[bool] = False
     merge_refusal: ClassVar[str] = ""  # why merging does not apply, when it does not
     default_learning_rate: ClassVar[float] = 2e-4
+    gradient_checkpointing_refusal: ClassVar[str] = ""  # why checkpointing is rejected, when it is
     Params: ClassVar[type]
 
     @classmethod

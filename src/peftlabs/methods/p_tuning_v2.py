@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from peftlabs.errors import UserError
 from peftlabs.methods.base import PeftMethod, head_modules, head_parameter_count, peft_task_type, prompt_token_dim
-from peftlabs.methods.prefix_tuning import PREFIX_REFUSAL
+from peftlabs.methods.prefix_tuning import PREFIX_CHECKPOINTING_REFUSAL, PREFIX_REFUSAL
 
 
 @dataclass
@@ -30,6 +30,7 @@ class PTuningV2(PeftMethod):
     trains = "deep prompts: key/value vectors in every layer, no reparameterisation"
     library_class = "peft.PrefixTuningConfig(prefix_projection=False)"
     merge_refusal = PREFIX_REFUSAL
+    gradient_checkpointing_refusal = PREFIX_CHECKPOINTING_REFUSAL
     default_learning_rate = 1e-2
     Params = PTuningV2Params
 

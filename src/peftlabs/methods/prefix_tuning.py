@@ -20,6 +20,14 @@ PREFIX_REFUSAL = (
     "(`peftlabs infer --run ...` loads both)"
 )
 
+# transformers 4.57's GradientCheckpointingLayer sets past_key_values to None in
+# every checkpointed layer during training, and the prefix methods pass their
+# prefix as past_key_values, so the prefix would be dropped without an error.
+PREFIX_CHECKPOINTING_REFUSAL = (
+    "transformers' checkpointed layers drop past_key_values, which carry the prefix, "
+    "so the prefix would get no gradient"
+)
+
 
 @dataclass
 class PrefixTuningParams:
@@ -39,6 +47,7 @@ class PrefixTuning(PeftMethod):
     trains = "key/value prefixes in every attention layer (optionally through an MLP)"
     library_class = "peft.PrefixTuningConfig"
     merge_refusal = PREFIX_REFUSAL
+    gradient_checkpointing_refusal = PREFIX_CHECKPOINTING_REFUSAL
     # 1e-2 made the MLP-produced prefixes swamp attention on MiniLM: every input got the same
     # representation and the loss stayed at ln(5) for 40 steps; 1e-3 learned (0.62 accuracy).
     default_learning_rate = 1e-3
