@@ -166,3 +166,24 @@ def test_compare_bad_task_config(task_config, message, tiny_bert, sentence_files
     with pytest.raises(UserError, match=message):
         plan_comparison(task_config, settings)
     assert not (tmp_path / "out").exists()
+
+
+def test_full_run_loads_for_inference(compared):
+    from peftlabs.evaluate import classify
+    from peftlabs.infer import load_run
+
+    _, output = compared
+    loaded = load_run(output / "runs" / "full")
+    texts = ["the cat is here", "a plum near one", "my old horse is very big", "one red apple"]
+    accuracy = json.loads((output / "runs" / "full" / "metrics.json").read_text())["eval_accuracy"]
+
+    predictions = classify(loaded.model, loaded.tokenizer, texts, progress=False)
+    assert len(predictions) == len(texts)
+    assert all(index in (0, 1) for index in predictions)
+    # The saved weights are the trained ones: the reloaded model scores the eval split as training did.
+    from peftlabs.evaluate import evaluate_split
+    from peftlabs.train import prepare
+
+    prepared = prepare(loaded.config)
+    scores, _ = evaluate_split(loaded.model, loaded.tokenizer, prepared.data, prepared.data.eval, progress=False)
+    assert scores["accuracy"] == pytest.approx(accuracy)

@@ -480,7 +480,9 @@ def _percent(value) -> str:
 
 
 def _megabytes(value) -> str:
-    return "" if value is None else f"{value / 1e6:,.1f} MB"
+    if value is None:
+        return ""
+    return f"{value / 1e3:,.1f} KB" if value < 1e6 else f"{value / 1e6:,.1f} MB"
 
 
 def _seconds(value) -> str:
