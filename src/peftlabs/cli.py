@@ -1,4 +1,4 @@
-"""Command-line entry point: `peftlabs train | infer | merge | demo | methods | runs`.
+"""Command-line entry point: `peftlabs train | infer | merge | demo | compare | methods | runs`.
 
 Every setting of RunConfig and every method hyperparameter becomes a flag:
 ``--learning-rate 1e-3``, ``--lora.r 16``. Flags override the YAML file given
@@ -128,6 +128,17 @@ def _runs(args) -> int:
     return 0
 
 
+def _compare(args) -> int:
+    from peftlabs.compare import read_task_config, run_comparison
+
+    values = _cli_values(args)
+    methods = values.pop("methods", None)
+    file_values = read_task_config(args.config) if args.config else {}
+    comparison = run_comparison(file_values, values, methods)
+    print((comparison.output_dir / "results.md").read_text(), end="")
+    return 0
+
+
 def _bundled_model_counts() -> dict:
     """Trainable parameters of each method with its defaults on both bundled models, cached on disk."""
     from peftlabs.methods import count_on_bundled_models
@@ -172,6 +183,14 @@ def _build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--samples", type=int, default=8, help="evaluation examples used for the check")
     merge.add_argument("--overwrite", action="store_true", help="replace an existing --output folder")
     merge.set_defaults(handler=_merge)
+
+    compare = commands.add_parser("compare", help="train several methods and full fine-tuning, tabulate and plot")
+    _add_config_flags(compare)
+    compare.add_argument("--task-config", dest="config",
+                         help="YAML task config: shared settings, 'methods', one section per method")
+    compare.add_argument("--methods", type=lambda text: [part.strip() for part in text.split(",") if part.strip()],
+                         help="comma-separated methods, 'full' for full fine-tuning; default: all that apply")
+    compare.set_defaults(handler=_compare)
 
     methods = commands.add_parser("methods", help="list the PEFT methods")
     methods.add_argument("--no-counts", action="store_true",

@@ -11,6 +11,7 @@ from peftlabs.errors import UserError
 from peftlabs.methods.base import Method
 from peftlabs.methods.bitfit import BitFit
 from peftlabs.methods.bottleneck import BottleneckAdapters
+from peftlabs.methods.full import FullFineTuning
 from peftlabs.methods.ia3 import Ia3
 from peftlabs.methods.lora import Lora
 from peftlabs.methods.p_tuning import PTuning
@@ -31,18 +32,30 @@ _REGISTRY: dict[str, type[Method]] = {
     PTuningV2.name: PTuningV2,
 }
 
+# Reachable by name like a method, but not a PEFT method: not in method_names().
+_BASELINES: dict[str, type[Method]] = {
+    FullFineTuning.name: FullFineTuning,
+}
+
 
 def method_names() -> list[str]:
     return list(_REGISTRY)
 
 
+def baseline_names() -> list[str]:
+    """Names of the non-PEFT baselines (full fine-tuning) that train like a method."""
+    return list(_BASELINES)
+
+
 def get_method(name: str) -> Method:
-    """Return an instance of the named method, or raise UserError listing the known ones."""
+    """Return an instance of the named method or baseline, or raise UserError listing the known ones."""
+    if name in _BASELINES:
+        return _BASELINES[name]()
     try:
         return _REGISTRY[name]()
     except KeyError:
         known = ", ".join(_REGISTRY)
-        raise UserError(f"unknown method '{name}': choose one of {known}") from None
+        raise UserError(f"unknown method '{name}': choose one of {known}, or 'full' for full fine-tuning") from None
 
 
 def count_on_bundled_models() -> dict[str, dict[str, str]]:
