@@ -58,10 +58,13 @@ def test_smollm2_method_trains_and_reloads(method, tmp_path):
 
     assert result.metrics["steps"] == 2
     loaded = load_run(tmp_path / "run")
-    instruction = result.data.instruction
-    before = generate(result.model, result.tokenizer, TICKETS, instruction, max_new_tokens=6, progress=False)
-    after = generate(loaded.model, loaded.tokenizer, TICKETS, instruction, max_new_tokens=6, progress=False)
-    assert before == after
+    if method != "qlora":
+        # Token-by-token decoding through bitsandbytes' 4-bit CPU kernels took minutes here, so QLoRA's
+        # generation after reload is checked on the tiny models (test_methods.py) and its logits below.
+        instruction = result.data.instruction
+        before = generate(result.model, result.tokenizer, TICKETS, instruction, max_new_tokens=6, progress=False)
+        after = generate(loaded.model, loaded.tokenizer, TICKETS, instruction, max_new_tokens=6, progress=False)
+        assert before == after
 
     batch = loaded.tokenizer(TICKETS, padding=True, return_tensors="pt")
     with torch.no_grad():
