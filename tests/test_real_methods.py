@@ -59,8 +59,9 @@ def test_smollm2_method_trains_and_reloads(method, tmp_path):
     assert result.metrics["steps"] == 2
     loaded = load_run(tmp_path / "run")
     if method != "qlora":
-        # Token-by-token decoding through bitsandbytes' 4-bit CPU kernels took minutes here, so QLoRA's
-        # generation after reload is checked on the tiny models (test_methods.py) and its logits below.
+        # Reloading and decoding through bitsandbytes' 4-bit CPU kernels ran over 10 minutes on a busy
+        # 2-core machine here, so QLoRA's generation after reload is checked on the tiny models
+        # (test_methods.py) and its logits below.
         instruction = result.data.instruction
         before = generate(result.model, result.tokenizer, TICKETS, instruction, max_new_tokens=6, progress=False)
         after = generate(loaded.model, loaded.tokenizer, TICKETS, instruction, max_new_tokens=6, progress=False)
