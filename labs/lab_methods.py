@@ -257,13 +257,14 @@ PEFT_CHECK = 'assert (ADAPTER_DIR / "adapter_config.json").is_file()'
 
 def peft_method(name: str, label: str, config_file: str, base: str, apply_text: str, apply_code: str,
                 **extra) -> MethodCells:
+    extra.setdefault("base_timing_text", PEFT_BASE_TIMING_TEXT)
+    extra.setdefault("base_timing_code", PEFT_BASE_TIMING_CODE)
     return MethodCells(
         name=name, label=label, config_file=config_file, load_base_code=base,
         apply_text=apply_text, apply_code=apply_code,
         load_text=PEFT_LOAD_TEXT, load_code=PEFT_LOAD_CODE,
         save_text=PEFT_SAVE_TEXT, save_code=PEFT_SAVE_CODE,
         count_code=PEFT_COUNT, check_code=PEFT_CHECK,
-        base_timing_text=PEFT_BASE_TIMING_TEXT, base_timing_code=PEFT_BASE_TIMING_CODE,
         **extra,
     )
 
@@ -560,9 +561,11 @@ ADAPTERS_SAVE_TEXT = """
 
     `save_adapter` writes the adapter's configuration and weights
     (safetensors). The classification head belongs to the `transformers`
-    model, not to the adapter, so its weights are saved beside it as
-    `head.safetensors`. The folder is written under a temporary name and
-    renamed when complete.
+    model, not to the adapter. `adapters` 1.3 also writes that head
+    (`model_head.safetensors`), but this lab saves it explicitly as
+    `head.safetensors` and loads it explicitly, so the reload does not
+    depend on that default. The folder is written under a temporary name
+    and renamed when complete.
 """
 
 ADAPTERS_SAVE = """
@@ -954,6 +957,25 @@ P_TUNING_V2_APPLY = """
     model = get_peft_model(base_model, peft_config)
 """
 
+P_TUNING_V2_BASE_TIMING_TEXT = """
+    ## The same calls without the deep prompts
+
+    A separately loaded base model without prompts shows what the prompts
+    add to each answer. Its head is untrained, which does not change the
+    cost of a call.
+"""
+
+P_TUNING_V2_BASE_TIMING = """
+    # NOTE: peft 0.21.2's `model.disable_adapter()` raises AttributeError on prompt-learning
+    # classification models (it saves `prepare_inputs_for_generation`, which a BERT classifier
+    # lacks), so the base model is loaded on its own here.
+    plain = AutoModelForSequenceClassification.from_pretrained(
+        location, num_labels=len(data.labels), id2label=dict(enumerate(data.labels)), dtype=torch.float32)
+    plain.to(device).eval()
+    base_seconds = time_calls(lambda: answer(plain, texts[0]), TIMED_CALLS)
+    print(f"base alone:   {1000 * sum(base_seconds) / len(base_seconds):.1f} ms per answer")
+"""
+
 LAB_P_TUNING_V2 = Lab(
     folder="Lab-08-P_Tuning_v2",
     title="Lab 8: P-tuning v2",
@@ -978,7 +1000,8 @@ the adapter attached classifies tickets, timed, and must reproduce the
 training run's logits.
 """,
     methods=[peft_method("p_tuning_v2", "P-tuning v2", "p_tuning_v2.yaml", CLASSIFICATION_BASE,
-                         P_TUNING_V2_APPLY_TEXT, P_TUNING_V2_APPLY, no_merge_text=PREFIX_NO_MERGE)],
+                         P_TUNING_V2_APPLY_TEXT, P_TUNING_V2_APPLY, no_merge_text=PREFIX_NO_MERGE,
+                         base_timing_text=P_TUNING_V2_BASE_TIMING_TEXT, base_timing_code=P_TUNING_V2_BASE_TIMING)],
     **CLASSIFICATION_TASK,
 )
 

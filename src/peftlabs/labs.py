@@ -4,7 +4,7 @@
     python -m peftlabs.labs labs/Lab-* --executed-dir build/labs  # full mode, keep copies with outputs + HTML
 
 The notebooks do the training, loading and merging themselves with the
-transformers, peft and adapters APIs; this module only holds the plumbing
+transformers, peft and adapters APIs; this module contains only the plumbing
 that would distract from those calls.
 """
 
