@@ -228,7 +228,7 @@ PEFT_SAVE_CODE = """
 PEFT_LOAD_TEXT = (
     "`PeftModel.from_pretrained` wraps a freshly loaded base model and loads the saved adapter weights "
     "into it (for classification, also the saved head, listed in `modules_to_save`). It modifies the base "
-    "model in place, which is why the base model's own scores are computed first."
+    "model in place."
 )
 
 PEFT_LOAD_CODE = """
