@@ -1,5 +1,6 @@
 # make demo   create .venv, install, run the demo job on the bundled defaults
 # make test   create .venv, install, run the test suite
+# make labs   create .venv, install, run every lab notebook in full mode into build/labs/
 
 PYTHON ?= python3
 VENV := .venv
@@ -8,7 +9,7 @@ STAMP := $(VENV)/.installed-stamp
 # Extra pip flags for torch, e.g. TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
 TORCH_PIP_ARGS ?=
 
-.PHONY: demo test test-fast clean
+.PHONY: demo test test-fast labs clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +29,14 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not integration"
+
+# Executed copies (with outputs) and HTML go to build/labs/<lab>/; adapters to build/labs/outputs/.
+# LABS="labs/Lab-01-LoRA" runs a subset; LABS_FLAGS=--quick runs them in quick mode.
+LABS ?= $(sort $(wildcard labs/Lab-*))
+LABS_FLAGS ?=
+labs: $(STAMP)
+	rm -rf build/labs/outputs
+	$(BIN)/python -m peftlabs.labs $(LABS) $(LABS_FLAGS) --output-dir build/labs/outputs --executed-dir build/labs
 
 clean:
 	rm -rf $(VENV) build runs merged
