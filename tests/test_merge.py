@@ -162,6 +162,7 @@ def test_cli_refusal_is_one_line_exit_2(tiny_bert, module_sentences, tmp_path, c
     train(tiny_config(tiny_bert, module_sentences, run, max_steps=2, method="prompt_tuning",
                       method_args={"prompt_tuning": {"num_virtual_tokens": 4, "init": "random"}}))
     output = tmp_path / "merged"
+    capsys.readouterr()  # drop the training log
 
     status = main(["merge", "--run", str(run), "--output", str(output)])
 
