@@ -167,15 +167,17 @@ def test_merge_or_refusal(case, plain_transformers):
 
 
 def _check_plain_folder(case, merged_dir, plain_transformers):
-    """The merged folder holds a plain transformers model that reproduces the adapter model in another process."""
+    """The merged folder contains a plain transformers model that reproduces the adapter model in another process."""
     files = {path.name for path in merged_dir.iterdir()}
     config = json.loads((merged_dir / "config.json").read_text())
     card = (merged_dir / "README.md").read_text()
     assert "model.safetensors" in files
     assert "tokenizer_config.json" in files
     assert not files & {"adapter_config.json", "adapter_model.safetensors", "bitfit_model.safetensors"}
-    assert "adapters" not in config and "quantization_config" not in config
-    assert "max |logit difference|" in card and case["config"].dataset in card
+    assert "adapters" not in config
+    assert "quantization_config" not in config
+    assert "max |logit difference|" in card
+    assert case["config"].dataset in card
 
     loaded = load_run(case["run"])
     batch = _batch(loaded.tokenizer)
