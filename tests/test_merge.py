@@ -6,6 +6,8 @@ this file breaks merges on purpose and checks what the user sees.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -155,6 +157,19 @@ def test_cli_merge_reports_check(bert_run, tmp_path, capsys):
     assert "predicted labels identical" in printed
     assert "on 4 samples" in printed
     assert "predicted labels identical: True" in (output / "README.md").read_text()
+
+
+def test_merged_folder_follows_umask(bert_run, tmp_path):
+    output = tmp_path / "merged"
+    umask = os.umask(0o022)
+
+    try:
+        merge_run(bert_run, output, samples=2)
+    finally:
+        os.umask(umask)
+
+    assert output.stat().st_mode & 0o777 == 0o755
+    assert (output / "model.safetensors").stat().st_mode & 0o777 == 0o644
 
 
 def test_cli_refusal_is_one_line_exit_2(tiny_bert, module_sentences, tmp_path, capsys):
