@@ -1,7 +1,7 @@
 """`peftlabs merge`: the checks catch a wrong merge, refusals write nothing, real runs load in transformers.
 
 Every method × task merge (or refusal) is in the battery, test_methods.py;
-this file breaks merges on purpose and checks what the user sees.
+this file breaks merges on purpose and checks the command's output and exit status.
 """
 
 from __future__ import annotations

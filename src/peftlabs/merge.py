@@ -97,7 +97,7 @@ def merge_run(run_dir: str | Path, output: str | Path, tolerance: float = DEFAUL
     loaded.model = merged
     answers_after = _answers(loaded, prompts)
 
-    # Check 1 and 2: logits, and greedy answers or predicted labels.
+    # Checks 1 and 2: logits, and greedy generations or predicted labels.
     difference = _max_abs_difference(before, after, mask)
     generations_identical = None if prompts is None else answers_before == answers_after
     labels_identical = None
