@@ -176,6 +176,8 @@ def _plain_copy(model):
     for attribute in ("adapters", "adapters_config"):
         if hasattr(config, attribute):
             delattr(config, attribute)
+    # NOTE: this initialises random weights that load_state_dict then replaces, which costs
+    # seconds on SmolLM2-size models and more on larger ones.
     plain = plain_class(config)
 
     merged_state = model.state_dict()
