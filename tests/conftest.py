@@ -123,6 +123,16 @@ def tiny_bert(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session")
+def plain_transformers(tmp_path_factory):
+    """One isolated Python process that loads merged folders with transformers alone (see plain_transformers.py)."""
+    from plain_transformers import PlainTransformersProcess
+
+    process = PlainTransformersProcess(tmp_path_factory.mktemp("plain-transformers"))
+    yield process
+    process.close()
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path

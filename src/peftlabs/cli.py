@@ -96,9 +96,10 @@ def _merge(args) -> int:
     from peftlabs.merge import merge_run
 
     report = merge_run(args.run, args.output, args.tolerance, args.overwrite, args.samples)
-    identical = "" if report.generations_identical is None else ", greedy answers identical"
+    identical = "greedy generations" if report.generations_identical is not None else "predicted labels"
     print(f"merged model written to {report.output}: max |logit difference| "
-          f"{report.max_abs_logit_difference:.2e} <= {report.tolerance:.0e} on {report.samples} samples{identical}")
+          f"{report.max_abs_logit_difference:.2e} <= {report.tolerance:.0e} on {report.samples} samples, "
+          f"{identical} identical, reloaded with transformers: {report.reload_max_abs_logit_difference:.2e}")
     return 0
 
 
@@ -108,7 +109,7 @@ def _methods(args) -> int:
     counts = {} if args.no_counts else _bundled_model_counts()
     for name in method_names():
         method = get_method(name)
-        merge = "yes" if method.mergeable else "no"
+        merge = method.merge_summary or ("yes" if method.mergeable else "no")
         print(f"{name}\n  trains: {method.trains}\n  class: {method.library_class}\n"
               f"  tasks: {', '.join(method.tasks)}\n  mergeable: {merge}")
         for model, count in counts.get(name, {}).items():

@@ -48,7 +48,7 @@ def run_demo(config: RunConfig, examples: int = 5) -> dict[str, Any]:
 
     # Merge into a standalone model (methods that cannot merge are skipped with their reason).
     merge_note = ""
-    if loaded.method.mergeable:
+    if loaded.method.is_mergeable(loaded.params):
         report = merge_run(run_dir, run_dir / "merged", overwrite=True)
         merge_note = (f"merged model in {report.output} (max |logit difference| "
                       f"{report.max_abs_logit_difference:.1e})")

@@ -25,7 +25,8 @@ class Method:
     library_class: ClassVar[str]
     tasks: ClassVar[tuple[str, ...]] = ("causal_lm", "classification")
     mergeable: ClassVar[bool] = False
-    merge_refusal: ClassVar[str] = ""  # why merging does not apply, when it does not
+    merge_summary: ClassVar[str | None] = None  # shown by `peftlabs methods` when mergeability depends on settings
+    merge_refusal: ClassVar[str] = ""  # why merging does not apply, in terms of what the method adds to the network
     default_learning_rate: ClassVar[float] = 2e-4
     gradient_checkpointing_refusal: ClassVar[str] = ""  # why checkpointing is rejected, when it is
     Params: ClassVar[type]
@@ -67,6 +68,10 @@ class Method:
 
     def load(self, base: torch.nn.Module, directory: Path, task: str) -> torch.nn.Module:
         raise NotImplementedError
+
+    def is_mergeable(self, params: Any) -> bool:
+        """Whether a run with these settings can be folded into the base weights."""
+        return self.mergeable
 
     def merge(self, model: torch.nn.Module) -> torch.nn.Module:
         raise UserError(f"method '{self.name}' cannot be merged: {self.merge_refusal}")

@@ -15,9 +15,9 @@ from peftlabs.errors import UserError
 from peftlabs.methods.base import PeftMethod, head_modules, head_parameter_count, peft_task_type, prompt_token_dim
 
 PREFIX_REFUSAL = (
-    "the prefix is extra keys and values inside attention, not a change to any weight matrix, so "
-    "there is nothing to fold into the weights; deploy the base model with the adapter attached "
-    "(`peftlabs infer --run ...` loads both)"
+    "prefix tuning and P-tuning v2 add trained key and value vectors to the attention of every layer, "
+    "so each query also attends to those extra positions; the attention softmax then runs over a longer "
+    "sequence, which no change of the existing projection weights can reproduce"
 )
 
 # transformers 4.57's GradientCheckpointingLayer sets past_key_values to None in

@@ -14,9 +14,9 @@ from peftlabs.errors import UserError
 from peftlabs.methods.base import PeftMethod, head_modules, head_parameter_count, peft_task_type, prompt_token_dim
 
 PROMPT_REFUSAL = (
-    "its virtual tokens are extra inputs in front of the text, not a change to any weight matrix, "
-    "so there is nothing to fold into the weights; deploy the base model with the adapter attached "
-    "(`peftlabs infer --run ...` loads both)"
+    "prompt tuning and P-tuning add trained embeddings of virtual tokens in front of the input "
+    "sequence, which every layer then attends to; they are extra inputs, not a change to any weight "
+    "matrix, so there is no weight they could be folded into"
 )
 
 

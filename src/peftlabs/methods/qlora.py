@@ -7,8 +7,9 @@ arXiv:2305.14314); LoRA's A and B stay in full precision. bitsandbytes
 
 Merging: peft's `merge_and_unload` on a 4-bit base adds the update and
 quantizes the sum back to 4 bits, which on CPU changed SmolLM2's logits by
-up to 46. peftlabs instead de-quantizes the NF4 weights to fp32 (the exact
-values the adapter was trained against) and merges into that copy.
+up to 46 in one run and by 14.6 in another (docs/merging.md). peftlabs
+instead de-quantizes the NF4 weights to fp32 (the exact values the adapter
+was trained against) and merges into that copy.
 """
 
 from __future__ import annotations
