@@ -1,4 +1,4 @@
-"""Command-line entry point: `peftlabs train | infer | merge | demo | methods`.
+"""Command-line entry point: `peftlabs train | infer | merge | serve | demo | methods`.
 
 Every setting of RunConfig and every method hyperparameter becomes a flag:
 ``--learning-rate 1e-3``, ``--lora.r 16``. Flags override the YAML file given
@@ -102,6 +102,12 @@ def _merge(args) -> int:
     return 0
 
 
+def _serve(args) -> int:
+    from peftlabs.serve import serve_from_args
+
+    return serve_from_args(args)
+
+
 def _methods(args) -> int:
     from peftlabs.methods import get_method, method_names
 
@@ -160,6 +166,12 @@ def _build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--samples", type=int, default=8, help="evaluation examples used for the check")
     merge.add_argument("--overwrite", action="store_true", help="replace an existing --output folder")
     merge.set_defaults(handler=_merge)
+
+    serve = commands.add_parser("serve", help="serve the base model and adapters over an OpenAI-compatible API")
+    from peftlabs.serve import add_arguments as add_serve_arguments
+
+    add_serve_arguments(serve)
+    serve.set_defaults(handler=_serve)
 
     methods = commands.add_parser("methods", help="list the PEFT methods")
     methods.add_argument("--no-counts", action="store_true",
