@@ -83,7 +83,7 @@ def train_run(model: Path, data, folder: Path, method: str, method_args: dict, l
     from peftlabs.train import train
 
     config = tiny_config(model, data, folder, method=method, method_args=method_args, learning_rate=learning_rate,
-                         max_steps=8, save_steps=100, final_eval=False)
+                         max_steps=6, save_steps=100, final_eval=False)
     train(config)
     return folder
 
@@ -295,6 +295,7 @@ def test_burst_of_200_all_answered(llama_url):
     assert len(responses) == 200
     assert [r.status_code for r in responses] == [200] * 200
     assert all(r.json()["choices"][0]["text"] is not None for r in responses)
+    print(f"RSS {before:.0f} MB before 200 requests, growth {growth:.1f} MB")
     assert growth < RSS_GROWTH_LIMIT_MB, f"RSS grew by {growth:.0f} MB over 200 requests"
 
 
@@ -363,6 +364,38 @@ def test_load_rejects_other_base_and_pickle(llama_url, llama_runs, bert_runs, tm
         assert message in response.json()["error"]["message"], path
     ids = [model["id"] for model in httpx.get(f"{llama_url}/v1/models", headers=AUTH).json()["data"]]
     assert "bad" not in ids
+
+
+# ---------------------------------------------------------------------------
+# The remaining methods, on the host without HTTP
+# ---------------------------------------------------------------------------
+
+
+OTHER_METHOD_ARGS = {
+    "ia3": {},
+    "prompt_tuning": {"prompt_tuning": {"num_virtual_tokens": 8, "init": "random"}},
+    "p_tuning": {"p_tuning": {"num_virtual_tokens": 8, "encoder_hidden_size": 32}},
+    "p_tuning_v2": {"p_tuning_v2": {"num_virtual_tokens": 8}},
+    "qlora": {"qlora": {"target_modules": ["all-linear"]}},
+}
+
+
+def test_other_methods_match_direct_inference(tiny_llama, sentence_files, llama_runs, tmp_path):
+    runs = {method: train_run(tiny_llama, sentence_files, tmp_path / method, method, method_args, 3e-2)
+            for method, method_args in OTHER_METHOD_ARGS.items()}
+    runs["lora"] = llama_runs["lora"]  # a peft tuner on the fp32 base, switched with the prompt-learning methods
+    expected = {method: direct_answers(run) for method, run in runs.items()}
+    host = ModelHost(str(tiny_llama))
+    for method, run in runs.items():
+        host.add_adapter(method, run)
+
+    for _ in range(2):  # the second round attaches every adapter after another one was detached
+        for method in runs:
+            adapter = host.resolve(method)
+            for probe in PROBES[:2]:
+                prompt_ids = host.encode_completion(adapter, probe)
+                text = host.generate(adapter, prompt_ids, MAX_TOKENS, {}, deadline=None).text
+                assert text == expected[method][probe], (method, probe)
 
 
 # ---------------------------------------------------------------------------

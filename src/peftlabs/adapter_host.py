@@ -2,9 +2,9 @@
 
 This is the model side of `peftlabs serve` (the HTTP side is serve.py). The
 host loads the base model once and registers adapters from peftlabs run
-directories. At most one adapter is attached to the base at a time; a request
+directories. At most one adapter is attached to the base at a time. A request
 for another adapter first restores the base and then attaches the requested
-one, under a single model lock:
+one, and a single model lock orders these switches and every model call:
 
   * LoRA, IA3 and QLoRA (peft tuners) inject layers into the base in place:
     attach is ``PeftModel.from_pretrained`` and detach is ``unload()``, which
@@ -161,7 +161,8 @@ class ModelHost:
         self.model_lock = threading.Lock()
         self.tokenizer_lock = threading.Lock()
         self.registry_lock = threading.Lock()
-        self.switches = 0
+        self.switches = 0  # adapter attaches, including those at registration
+        self.switch_seconds = 0.0  # time spent detaching and attaching, summed
         log.info("serving base model %s (%s) from %s", model, self.task, self.location)
 
     # -- registry ----------------------------------------------------------
@@ -272,6 +273,7 @@ class ModelHost:
         slot = self.slots[adapter.slot]
         if slot.active is not None and slot.active.adapter is adapter:
             return slot.active.model
+        started = time.perf_counter()
         self._detach(slot)
         try:
             slot.active = self._attach(slot.model, adapter)
@@ -280,6 +282,7 @@ class ModelHost:
             self._reload(adapter.slot)
             raise
         self.switches += 1
+        self.switch_seconds += time.perf_counter() - started
         return slot.active.model
 
     def _detach(self, slot: BaseSlot) -> None:
@@ -511,7 +514,7 @@ def _check_safetensors_only(directory: Path) -> None:
 
 
 def _head_for_labels(base: torch.nn.Module, labels: list[str]) -> torch.nn.Module:
-    """A classification head of the base's kind with one output per label (weights come from the adapter)."""
+    """Build a classification head like the base's with one output per label; the adapter supplies its weights."""
     name = classification_head_name(base)
     if name is None:
         raise UserError(f"the served base has no classification head ({', '.join(HEAD_NAMES)})")

@@ -15,7 +15,7 @@ the name it was loaded under; the base model alone is served under its
 Prompts are formatted as `peftlabs infer --text` formats them: a completion
 prompt becomes the user turn of the model's chat template, after the run's
 instruction as system message. Decoding is greedy unless the request sets a
-temperature above 0, so an adapter answers exactly as `peftlabs infer` does.
+temperature above 0, so an adapter returns the same text as `peftlabs infer`.
 This differs from OpenAI's API, where ``prompt`` is raw text and the default
 temperature is 1.
 
@@ -91,6 +91,9 @@ class Admission:
             return
         if self.waiting >= self.queue_size:
             self.rejected += 1
+            if self.rejected % 100 == 1:  # one log line per 100 rejections
+                log.warning("queue full (%d waiting): %d requests rejected with 429 so far", self.waiting,
+                            self.rejected)
             raise HostError(429, f"server busy: {self.queue_size} requests already queued; retry later",
                             "queue_full", "rate_limit_error")
         self.waiting += 1
@@ -167,15 +170,20 @@ def create_app(host: ModelHost, settings: ServeSettings):
 
     @app.exception_handler(HostError)
     async def host_error(request: Request, error: HostError):
+        if error.status != 429:
+            log.info("%s %s failed: %d %s", request.method, request.url.path, error.status, error.message)
         return error_response(error.status, error.message, error.kind, error.code)
 
     @app.exception_handler(UserError)
     async def user_error(request: Request, error: UserError):
+        log.info("%s %s failed: 400 %s", request.method, request.url.path, error)
         return error_response(400, str(error), "invalid_request_error", "invalid_adapter")
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, error: RequestValidationError):
-        return error_response(400, describe_validation_error(error), "invalid_request_error", "invalid_request")
+        message = describe_validation_error(error)
+        log.info("%s %s failed: 400 %s", request.method, request.url.path, message)
+        return error_response(400, message, "invalid_request_error", "invalid_request")
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException):
@@ -209,7 +217,9 @@ def create_app(host: ModelHost, settings: ServeSettings):
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "models": len(host.model_names()), "queued": admission.waiting}
+        return {"status": "ok", "models": len(host.model_names()), "queued": admission.waiting,
+                "rejected": admission.rejected, "adapter_switches": host.switches,
+                "switch_seconds": round(host.switch_seconds, 4)}
 
     @app.get("/v1/models")
     async def models():
@@ -409,9 +419,14 @@ def completion_body(model: str, result, chat: bool) -> dict[str, Any]:
 
 
 def chunk(identifier: str, created: int, model: str, chat: bool, piece, finish_reason: str | None = None):
-    """One streamed event: a text piece, the chat role (a dict), or the final finish reason."""
+    """Build one streamed event: a text piece, the chat role (a dict), or the final finish reason."""
     if chat:
-        delta = piece if isinstance(piece, dict) else ({"content": piece} if piece is not None else {})
+        if isinstance(piece, dict):
+            delta = piece
+        elif piece is not None:
+            delta = {"content": piece}
+        else:
+            delta = {}
         choice = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
         return {"id": identifier, "object": "chat.completion.chunk", "created": created, "model": model,
                 "choices": [choice]}
@@ -431,7 +446,7 @@ def sse(data: dict[str, Any]) -> str:
 
 
 def describe_validation_error(error) -> str:
-    """One line naming the first invalid field of a request body, or saying the JSON is malformed."""
+    """Describe in one line the first invalid field of a request body, or that the JSON is malformed."""
     problems = error.errors()
     if not problems:
         return "invalid request body"
@@ -450,7 +465,7 @@ def describe_validation_error(error) -> str:
 
 
 def add_arguments(parser) -> None:
-    """The flags of `peftlabs serve`."""
+    """Add the flags of `peftlabs serve` to ``parser``."""
     defaults = ServeSettings()
     parser.add_argument("--model", required=True, help="base model: alias, local folder, .gguf file or hub id")
     parser.add_argument("--adapter", action="append", default=[], metavar="NAME=RUN_DIR",
@@ -476,7 +491,11 @@ def add_arguments(parser) -> None:
 
 def serve_from_args(args) -> int:
     """Load the base and adapters, then serve until Ctrl-C."""
-    import uvicorn
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ImportError:
+        raise UserError("peftlabs serve needs fastapi and uvicorn: run `pip install 'peftlabs[serve]'`") from None
 
     if not 0 < args.port < 65536:
         raise UserError(f"invalid --port {args.port}: use 1-65535")
