@@ -355,7 +355,11 @@ def test_load_rejects_other_base_and_pickle(llama_url, llama_runs, bert_runs, tm
     shutil.copytree(llama_runs["lora"], pickled)
     (pickled / "adapter" / "adapter_model.bin").write_bytes(b"not loaded")
 
-    cases = [(other_base, "differs from the served base"), (pickled, "pickle files"),
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(llama_runs["lora"], corrupt)
+    (corrupt / "adapter" / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
+
+    cases = [(other_base, "differs from the served base"), (pickled, "pickle files"), (corrupt, "could not load"),
              (bert_runs["lora"], "classification run"), (tmp_path / "missing", "not found")]
     for path, message in cases:
         response = httpx.post(f"{llama_url}/v1/adapters", json={"name": "bad", "path": str(path)}, headers=AUTH,

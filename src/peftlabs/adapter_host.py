@@ -187,29 +187,40 @@ class ModelHost:
             if name == self.name or name in self.adapters:
                 raise HostError(409, f"model name '{name}' is already in use: unload it first or choose another name",
                                 "name_in_use")
-            info, config, method, params = read_run_config(run_dir)
-            if info["task"] != self.task:
-                raise UserError(
-                    f"run {run_dir} is a {info['task']} run, but this server's base model {self.name} is served "
-                    f"as {self.task}: start a separate server for {info['task']} runs"
-                )
-            _check_safetensors_only(run_dir / runs.ADAPTER_DIR)
-
-            slot_key = SLOT_OF_METHOD.get(method.name, "fp32")
-            slot = self._slot(slot_key, method, params)
-            if info["base_fingerprint"] != slot.fingerprint:
-                raise UserError(
-                    f"adapter in {run_dir} was trained on base model '{info['model']}', which differs from the "
-                    f"served base '{self.name}' (architecture or weights): serve it with --model {info['model']}"
-                )
-            head = _head_for_labels(slot.model, info["labels"]) if self.task == "classification" else None
-            adapter = HostedAdapter(name, run_dir, info, config, method, params, slot_key, head)
-
-            with self.model_lock:
-                self._activate(adapter)
-                self._detach(slot)
+            try:
+                adapter = self._load_adapter(name, run_dir)
+            except (UserError, HostError):
+                raise
+            except Exception as error:
+                # A corrupt file or an adapter that does not fit the model's layers.
+                raise UserError(f"could not load the adapter in {run_dir}: {type(error).__name__}: {error}") from error
             self.adapters[name] = adapter
-        log.info("loaded adapter %s (%s) from %s", name, method.name, run_dir)
+        log.info("loaded adapter %s (%s) from %s", name, adapter.method.name, run_dir)
+        return adapter
+
+    def _load_adapter(self, name: str, run_dir: Path) -> HostedAdapter:
+        """Check a run against the served base and attach it once; raise UserError when it does not fit."""
+        info, config, method, params = read_run_config(run_dir)
+        if info["task"] != self.task:
+            raise UserError(
+                f"run {run_dir} is a {info['task']} run, but this server's base model {self.name} is served "
+                f"as {self.task}: start a separate server for {info['task']} runs"
+            )
+        _check_safetensors_only(run_dir / runs.ADAPTER_DIR)
+
+        slot_key = SLOT_OF_METHOD.get(method.name, "fp32")
+        slot = self._slot(slot_key, method, params)
+        if info["base_fingerprint"] != slot.fingerprint:
+            raise UserError(
+                f"adapter in {run_dir} was trained on base model '{info['model']}', which differs from the "
+                f"served base '{self.name}' (architecture or weights): serve it with --model {info['model']}"
+            )
+        head = _head_for_labels(slot.model, info["labels"]) if self.task == "classification" else None
+        adapter = HostedAdapter(name, run_dir, info, config, method, params, slot_key, head)
+
+        with self.model_lock:
+            self._activate(adapter)
+            self._detach(slot)
         return adapter
 
     def remove_adapter(self, name: str) -> None:
