@@ -1,11 +1,13 @@
 """Throughput and latency of `peftlabs serve`, recorded in docs/serving.md.
 
     python benchmarks/serve.py --adapter a=runs/serve-lora-a --adapter b=runs/serve-lora-b \\
-        --merged merged/serve-lora-a --requests 24 --output docs/serving-benchmark.json
+        --merged merged/serve-lora-a --requests 24 --check-direct --output serve-benchmark.json
 
 Starts `peftlabs serve` as a subprocess on a free 127.0.0.1 port, sends the
 bundled demo tickets (test split) as completions and measures, per scenario,
-requests per second and p50/p95 latency at 1 and 4 concurrent clients:
+requests per second and p50/p95 latency at 1 and 4 concurrent clients
+(--clients). Every request is a chat completion with the first run's
+instruction as system message:
 
   * adapter a only (no switching) and the base model alone;
   * adapters a and b alternating, so every request switches adapters; the
@@ -13,7 +15,7 @@ requests per second and p50/p95 latency at 1 and 4 concurrent clients:
   * the merged model (`peftlabs merge` of adapter a) served as a base model,
     against adapter a attached unmerged, with their outputs compared.
 
-Every request asks for the same max_tokens; answers that end earlier (the
+Every request sets the same max_tokens; answers that end earlier (the
 end-of-turn token) are shorter, so the mean number of generated tokens is
 reported beside each latency.
 """
@@ -81,19 +83,25 @@ class Server:
         self.process.wait(timeout=60)
 
 
-def run_scenario(url: str, models: list[str], prompts: list[str], clients: int, max_tokens: int) -> dict:
-    """Send one request per prompt, cycling through ``models``, from ``clients`` threads."""
+def run_scenario(url: str, models: list[str], prompts: list[str], clients: int, max_tokens: int,
+                 instruction: str) -> dict:
+    """Send one chat request per prompt, cycling through ``models``, from ``clients`` threads.
+
+    Every request carries the run's instruction as system message, so the
+    merged model, served as a base model, gets the same prompt as the adapter.
+    """
     jobs = [(models[i % len(models)], prompt) for i, prompt in enumerate(prompts)]
 
     def send(job):
         model, prompt = job
+        messages = [{"role": "system", "content": instruction}, {"role": "user", "content": prompt}]
         started = time.perf_counter()
-        response = httpx.post(f"{url}/v1/completions", timeout=600,
-                              json={"model": model, "prompt": prompt, "max_tokens": max_tokens})
+        response = httpx.post(f"{url}/v1/chat/completions", timeout=600,
+                              json={"model": model, "messages": messages, "max_tokens": max_tokens})
         elapsed = time.perf_counter() - started
         response.raise_for_status()
         body = response.json()
-        return elapsed, body["usage"]["completion_tokens"], body["choices"][0]["text"]
+        return elapsed, body["usage"]["completion_tokens"], body["choices"][0]["message"]["content"]
 
     started = time.perf_counter()
     with ThreadPoolExecutor(max_workers=clients) as pool:
@@ -118,12 +126,18 @@ def main() -> int:
     parser.add_argument("--merged", help="folder written by `peftlabs merge --run` of the first adapter")
     parser.add_argument("--requests", type=int, default=24, help="requests per scenario")
     parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--clients", default="1,4", help="comma-separated numbers of concurrent clients")
     parser.add_argument("--output", help="write all results as JSON here")
+    parser.add_argument("--check-direct", action="store_true",
+                        help="also compare the first adapter's served answers with peftlabs.infer.predict")
     args = parser.parse_args()
 
     prompts_all = [json.loads(line)["text"] for line in TICKETS.read_text().splitlines() if line.strip()]
     prompts = (prompts_all * (args.requests // len(prompts_all) + 1))[:args.requests]
     names = [spec.split("=", 1)[0] for spec in args.adapter]
+    client_counts = [int(count) for count in args.clients.split(",")]
+    first_run = Path(args.adapter[0].split("=", 1)[1])
+    instruction = json.loads((first_run / "run.json").read_text())["instruction"]
     results: dict = {"requests": args.requests, "max_tokens": args.max_tokens, "scenarios": []}
 
     def record(label: str, result: dict) -> None:
@@ -136,15 +150,15 @@ def main() -> int:
     with Server(args.model, args.adapter, max_concurrent=4) as server:
         results["unmerged_server"] = {"startup_s": server.startup_s, "rss_mb": server.rss_mb()}
         print(f"server with {len(names)} adapters: started in {server.startup_s:.1f} s, RSS {server.rss_mb():.0f} MB")
-        run_scenario(server.url, [names[0]], prompts[:2], 1, args.max_tokens)  # warm-up
-        for clients in (1, 4):
+        run_scenario(server.url, [names[0]], prompts[:2], 1, args.max_tokens, instruction)  # warm-up
+        for clients in client_counts:
             record(f"adapter {names[0]} (no switching)", run_scenario(server.url, [names[0]], prompts, clients,
-                                                                      args.max_tokens))
+                                                                      args.max_tokens, instruction))
         if len(names) > 1:
-            for clients in (1, 4):
+            for clients in client_counts:
                 before = httpx.get(f"{server.url}/health").json()
                 record(f"adapters {names[0]}/{names[1]} alternating",
-                       run_scenario(server.url, names[:2], prompts, clients, args.max_tokens))
+                       run_scenario(server.url, names[:2], prompts, clients, args.max_tokens, instruction))
                 after = httpx.get(f"{server.url}/health").json()
                 switches = after["adapter_switches"] - before["adapter_switches"]
                 seconds = after["switch_seconds"] - before["switch_seconds"]
@@ -152,19 +166,31 @@ def main() -> int:
                 results["scenarios"][-1]["mean_switch_ms"] = 1000 * seconds / max(switches, 1)
                 print(f"  {switches} adapter switches, {1000 * seconds / max(switches, 1):.1f} ms each "
                       f"(detach + attach, measured in the server)")
-        record("base model alone", run_scenario(server.url, [args.model], prompts, 1, args.max_tokens))
+        record("base model alone", run_scenario(server.url, [args.model], prompts, client_counts[0], args.max_tokens, instruction))
 
     if args.merged:
-        unmerged = next(s for s in results["scenarios"] if s["models"] == [names[0]] and s["clients"] == 1)
+        unmerged = next(s for s in results["scenarios"] if s["models"] == [names[0]] and s["clients"] == client_counts[0])
         with Server(args.merged, [], max_concurrent=4) as server:
             results["merged_server"] = {"startup_s": server.startup_s, "rss_mb": server.rss_mb()}
-            run_scenario(server.url, [args.merged], prompts[:2], 1, args.max_tokens)  # warm-up
-            for clients in (1, 4):
-                result = run_scenario(server.url, [args.merged], prompts, clients, args.max_tokens)
+            run_scenario(server.url, [args.merged], prompts[:2], 1, args.max_tokens, instruction)  # warm-up
+            for clients in client_counts:
+                result = run_scenario(server.url, [args.merged], prompts, clients, args.max_tokens, instruction)
                 record(f"merged {names[0]} (base model)", result)
-            same = sum(a == b for a, b in zip(unmerged["answers"], results["scenarios"][-2]["answers"]))
+            merged = next(s for s in results["scenarios"] if s["models"] == [args.merged])
+            same = sum(a == b for a, b in zip(unmerged["answers"], merged["answers"]))
             results["merged_answers_identical"] = f"{same}/{len(prompts)}"
             print(f"merged vs unmerged answers identical: {same}/{len(prompts)}")
+
+    if args.check_direct:
+        sys.path.insert(0, str(ROOT / "src"))
+        from peftlabs.infer import load_run, predict
+
+        loaded = load_run(args.adapter[0].split("=", 1)[1])
+        direct = [predict(loaded, [prompt], batch_size=1, max_new_tokens=args.max_tokens)[0] for prompt in prompts]
+        served = next(s for s in results["scenarios"] if s["models"] == [names[0]])["answers"]
+        same = sum(a == b for a, b in zip(direct, served))
+        results["served_equals_direct"] = f"{same}/{len(prompts)}"
+        print(f"served answers of {names[0]} identical to peftlabs.infer.predict: {same}/{len(prompts)}")
 
     if args.output:
         Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
