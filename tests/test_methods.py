@@ -150,7 +150,7 @@ def test_merge_or_refusal(case, plain_transformers):
     prepared = case["before"]
     merged_dir = case["tmp"] / "merged"
     if not method.is_mergeable(prepared.params):
-        with pytest.raises(UserError, match="cannot be merged: .* adds? .*peftlabs serve --run .*peftlabs infer --run"):
+        with pytest.raises(UserError, match="cannot be merged: .* adds? .*peftlabs serve --model .* --adapter NAME=.*peftlabs infer --run"):
             merge_run(case["run"], merged_dir)
         assert not merged_dir.exists()
         assert not list(case["tmp"].glob(".merged.tmp-*"))

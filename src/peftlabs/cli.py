@@ -1,4 +1,4 @@
-"""Command-line entry point: `peftlabs train | infer | merge | demo | compare | methods | runs`.
+"""Command-line entry point: `peftlabs train | infer | merge | serve | demo | compare | methods | runs`.
 
 Every setting of RunConfig and every method hyperparameter becomes a flag:
 ``--learning-rate 1e-3``, ``--lora.r 16``. Flags override the YAML file given
@@ -103,6 +103,12 @@ def _merge(args) -> int:
     return 0
 
 
+def _serve(args) -> int:
+    from peftlabs.serve import serve_from_args
+
+    return serve_from_args(args)
+
+
 def _methods(args) -> int:
     from peftlabs.methods import get_method, method_names
 
@@ -192,6 +198,12 @@ def _build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--methods", type=lambda text: [part.strip() for part in text.split(",") if part.strip()],
                          help="comma-separated methods, 'full' for full fine-tuning; default: all that apply")
     compare.set_defaults(handler=_compare)
+
+    serve = commands.add_parser("serve", help="serve the base model and adapters over an OpenAI-compatible API")
+    from peftlabs.serve import add_arguments as add_serve_arguments
+
+    add_serve_arguments(serve)
+    serve.set_defaults(handler=_serve)
 
     methods = commands.add_parser("methods", help="list the PEFT methods")
     methods.add_argument("--no-counts", action="store_true",

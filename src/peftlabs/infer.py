@@ -49,15 +49,8 @@ def load_run(run_dir: str | Path, model: str | None = None) -> LoadedRun:
     another path); the adapter is rejected unless the new base has the same
     architecture and embeddings as the one it was trained on.
     """
-    import yaml
-
     run_dir = Path(run_dir)
-    info = runs.read_run(run_dir)
-    config_values = yaml.safe_load((run_dir / "config.yaml").read_text())
-    method_args = config_values.pop("method_args", {}) or {}
-    config = RunConfig(**config_values, method_args=method_args)
-    method = get_method(info["method"])
-    params = method.parse_params(method_args.get(method.name))
+    info, config, method, params = read_run_config(run_dir)
 
     location = resolve_model(model or config.model)
     read_model_config(location, config.trust_remote_code)
@@ -73,6 +66,19 @@ def load_run(run_dir: str | Path, model: str | None = None) -> LoadedRun:
     attached = method.load(base, run_dir / runs.ADAPTER_DIR, info["task"])
     attached.eval()
     return LoadedRun(info, config, method, params, tokenizer, base, attached)
+
+
+def read_run_config(run_dir: Path) -> tuple[dict[str, Any], RunConfig, Any, Any]:
+    """Read a finished run's run.json and config.yaml: (info, config, method, method params)."""
+    import yaml
+
+    info = runs.read_run(run_dir)
+    config_values = yaml.safe_load((run_dir / "config.yaml").read_text())
+    method_args = config_values.pop("method_args", {}) or {}
+    config = RunConfig(**config_values, method_args=method_args)
+    method = get_method(info["method"])
+    params = method.parse_params(method_args.get(method.name))
+    return info, config, method, params
 
 
 def read_inputs(path: Path) -> list[str]:

@@ -160,8 +160,9 @@ def reject_unmergeable(run_dir: Path) -> None:
         return
     raise UserError(
         f"method '{method.name}' cannot be merged: {method.merge_refusal}. Deploy it unmerged instead: "
-        f"`peftlabs serve --run {run_dir}` or `peftlabs infer --run {run_dir}` loads the base model and "
-        f"attaches the adapter, which gives the trained run's outputs. Nothing was written"
+        f"`peftlabs serve --model {info['model']} --adapter NAME={run_dir}` or "
+        f"`peftlabs infer --run {run_dir}` loads the base model and attaches the adapter, which gives the "
+        f"trained run's outputs. Nothing was written"
     )
 
 
