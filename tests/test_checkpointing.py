@@ -20,17 +20,19 @@ from peftlabs import data as data_module
 from peftlabs.errors import UserError
 from peftlabs.methods import get_method
 from peftlabs.train import prepare, train
-from test_methods import CASES, METHOD_ARGS, MODELS
+from test_methods import CASE_METHODS, CASES, METHOD_ARGS, MODELS
 
 # Gradients are recomputed with the same weights and inputs, so they agree up to the
 # float rounding of a different kernel order; the tiny models' gradients are of order 1.
 GRADIENT_TOLERANCE = 1e-5
 
 
-def _config(method: str, model_fixture: str, request, sentences, tmp_path, **overrides):
+def _config(name: str, model_fixture: str, request, sentences, tmp_path, **overrides):
+    """The battery's settings for a case: a method, or a method variant such as ``adapters-lora``."""
     model_dir = request.getfixturevalue(model_fixture)
-    method_args = METHOD_ARGS.get((method, MODELS[model_fixture]), METHOD_ARGS[method])
-    return tiny_config(model_dir, sentences, tmp_path / "run", method=method, method_args=method_args, **overrides)
+    method_args = METHOD_ARGS.get((name, MODELS[model_fixture]), METHOD_ARGS[name])
+    return tiny_config(model_dir, sentences, tmp_path / "run", method=CASE_METHODS[name], method_args=method_args,
+                       **overrides)
 
 
 def _gradients(prepared, checkpointing: bool) -> dict[str, torch.Tensor | None]:
@@ -73,7 +75,7 @@ def test_checkpointing_keeps_gradients(method, model_fixture, request, sentences
     checkpointed = _adapter_gradients(_gradients(prepared, checkpointing=True), head)
 
     assert plain, "the method has no trainable parameters of its own"
-    if get_method(method).gradient_checkpointing_refusal:
+    if get_method(CASE_METHODS[method]).gradient_checkpointing_refusal:
         # The reason for the rejection: the prefix gets no gradient under checkpointing.
         assert all(grad is None or not grad.any() for grad in checkpointed.values())
         return
