@@ -185,7 +185,7 @@ def test_cli_refusal_is_one_line_exit_2(tiny_bert, module_sentences, tmp_path, c
     assert status == 2
     assert len(error_lines) == 1
     assert "cannot be merged: prompt tuning and P-tuning add trained embeddings of virtual tokens" in error_lines[0]
-    assert f"peftlabs serve --run {run}" in error_lines[0]
+    assert f"--adapter NAME={run}" in error_lines[0]
     _assert_nothing_written(output)
 
 
