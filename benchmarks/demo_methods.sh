@@ -10,8 +10,9 @@ common=(--model smollm2-135m-instruct --dataset demo --eval-split test --epochs 
         --eval-batch-size 32 --max-length 192 --warmup-ratio 0.1 --logging-steps 10 --save-steps 1000
         --overwrite)
 
-# Learning rates follow each method's usual range: prompt-style methods and (IA)3
-# need a larger step than LoRA because they train far fewer values.
+# Learning rates: prompt tuning, P-tuning and (IA)3 train far fewer values than
+# LoRA and take a larger step; prefix tuning's MLP collapsed MiniLM at 1e-2
+# (see src/peftlabs/methods/prefix_tuning.py), so it gets 1e-3.
 declare -A rate=([lora]=3e-3 [qlora]=3e-3 [adapters]=1e-3 [ia3]=3e-2 [prompt_tuning]=3e-2
                  [prefix_tuning]=1e-3 [p_tuning]=1e-2 [p_tuning_v2]=1e-2)
 
