@@ -167,3 +167,15 @@ def test_response_only_loss_matches_transformers(tiny_llama, sentences, tmp_path
         reference = prepared.model(input_ids=batch["input_ids"], attention_mask=mask,
                                    position_ids=(mask.cumsum(-1) - 1).clamp(min=0), labels=batch["labels"]).loss
     assert abs(ours.item() - reference.item()) < 1e-5
+
+
+def test_same_seed_same_initial_model(tmp_path, tiny_bert, sentences):
+    """The new classification head and the method's weights depend on the seed, not on earlier random draws."""
+    config = tiny_config(tiny_bert, sentences, tmp_path / "run")
+
+    first = prepare(config).model.state_dict()
+    torch.rand(1000)  # what an earlier test or notebook cell would do to the global generator
+    second = prepare(config).model.state_dict()
+
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[name], second[name]) for name in first)

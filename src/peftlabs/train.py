@@ -95,7 +95,9 @@ def prepare(config: RunConfig) -> Prepared:
     tokenizer = load_tokenizer(location, config.trust_remote_code)
     data = data_module.load_task_data(config, task)
 
-    # Base model, then the method on top of it.
+    # Base model, then the method on top of it. Seeding first makes the new classification
+    # head's random initialisation depend on the seed alone, not on what ran earlier in the process.
+    torch.manual_seed(config.seed)
     base = method.load_base(location, data.task, data.labels, tokenizer, params, config.trust_remote_code)
     base_memory = base.get_memory_footprint()
     head = classification_head_name(base) if data.task == "classification" else None
