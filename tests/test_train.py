@@ -179,3 +179,15 @@ def test_same_seed_same_initial_model(tmp_path, tiny_bert, sentences):
 
     assert first.keys() == second.keys()
     assert all(torch.equal(first[name], second[name]) for name in first)
+
+
+def test_config_records_default_learning_rate(tmp_path, tiny_llama, sentences):
+    import yaml
+
+    from peftlabs.methods import get_method
+
+    config = tiny_config(tiny_llama, sentences, tmp_path / "run", learning_rate=None, max_steps=2, final_eval=False)
+    train(config)
+
+    recorded = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert recorded["learning_rate"] == get_method("lora").default_learning_rate

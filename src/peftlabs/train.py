@@ -10,6 +10,7 @@ is wrapped (``Method.apply``) and saved; everything else is the same for all.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -150,7 +151,9 @@ def train(config: RunConfig) -> TrainResult:
             runs.replace_dir(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         file_handler = _log_to_file(run_dir / "train.log")
-        write_yaml(config, run_dir / "config.yaml")
+        # Record the learning rate actually used, so config.yaml reruns the same run.
+        resolved = dataclasses.replace(config, learning_rate=config.learning_rate or method.default_learning_rate)
+        write_yaml(resolved, run_dir / "config.yaml")
         runs.write_json_atomic(run_dir / "run.json", _run_record(prepared, trainable, total, state.num_processes))
     state.wait_for_everyone()
 
