@@ -56,11 +56,12 @@ PROBE = ["the cat is here", "a plum near one", "my old horse is very big"]
 # rate tried (1e-3 to 3e-2): prompt-style methods and (IA)³ only add inputs or rescale
 # activations of weights that carry no knowledge yet. Their learning is checked by the
 # loss test here, and every method must beat chance on the real MiniLM in test_real_methods.py.
+# Prompt tuning on the tiny BERT passed or stayed at 0.5 depending on the head's random start.
 # The adapters library's LoRA reaches only the attention projections, which is not enough on
 # the tiny Llama.
 WEAK_ON_RANDOM_MODELS = {
     ("adapters-lora", "tiny_llama"),
-    ("adapters", "tiny_bert"), ("prompt_tuning", "tiny_llama"), ("prefix_tuning", "tiny_llama"),
+    ("adapters", "tiny_bert"), ("prompt_tuning", "tiny_llama"), ("prompt_tuning", "tiny_bert"), ("prefix_tuning", "tiny_llama"),
     ("ia3", "tiny_llama"), ("bitfit", "tiny_bert"), ("p_tuning", "tiny_llama"), ("p_tuning", "tiny_bert"),
     ("p_tuning_v2", "tiny_llama"), ("p_tuning_v2", "tiny_bert"),
 }
