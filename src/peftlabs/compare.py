@@ -364,7 +364,7 @@ def _mergeable(method) -> str:
 
 
 def collect_row(plan: MethodPlan, run_dir: Path) -> dict[str, Any]:
-    """One table row from a finished run directory."""
+    """Build one table row from a finished run directory."""
     import json
 
     from peftlabs.methods import get_method
@@ -401,7 +401,7 @@ def _folder_bytes(folder: Path) -> int:
 
 
 def quality_metric(rows: list[dict[str, Any]]) -> str:
-    """The headline metric: accuracy for classification, BLEU for generation, else eval loss."""
+    """Return the headline metric: accuracy for classification, BLEU for generation, else eval loss."""
     for name in ("eval_accuracy", "eval_bleu", "eval_loss"):
         if any(name in row for row in rows):
             return name
@@ -447,7 +447,7 @@ def _shared_settings(plans: list[MethodPlan]) -> dict[str, Any]:
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    """The comparison as a Markdown table with units."""
+    """Format the comparison as a Markdown table with units."""
     metrics = sorted({key for row in rows for key in row if key.startswith("eval_") and key != "eval_loss"})
     header = (["method", "trainable params", "% of total", "adapter on disk", "peak RSS", "train tok/s",
                "train time", "wall time", "learning rate"] + [name[5:] for name in metrics] + ["mergeable", "note"])
@@ -490,7 +490,11 @@ def _seconds(value) -> str:
 
 
 def _metric(value) -> str:
-    return "" if value is None else (f"{value:.3f}" if isinstance(value, float) else str(value))
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return str(value)
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
