@@ -1,6 +1,7 @@
 # make demo   create .venv, install, run the demo job on the bundled defaults
 # make test   create .venv, install, run the test suite
 # make labs   create .venv, install, run every lab notebook in full mode into build/labs/
+# make jupyter  install JupyterLab into .venv and open the labs at http://127.0.0.1:8888
 
 PYTHON ?= python3
 VENV := .venv
@@ -9,7 +10,7 @@ STAMP := $(VENV)/.installed-stamp
 # Extra pip flags for torch, e.g. TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
 TORCH_PIP_ARGS ?=
 
-.PHONY: demo test test-fast labs clean
+.PHONY: demo test test-fast labs jupyter clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +38,14 @@ LABS_FLAGS ?=
 labs: $(STAMP)
 	rm -rf build/labs/outputs
 	$(BIN)/python -m peftlabs.labs $(LABS) $(LABS_FLAGS) --output-dir build/labs/outputs --executed-dir build/labs
+
+# JupyterLab for working through the labs by hand; it listens on this machine only.
+# JUPYTER_FLAGS=--allow-root inside a container that runs as root.
+JUPYTER_PORT ?= 8888
+JUPYTER_FLAGS ?=
+jupyter: $(STAMP)
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[labs]"
+	$(BIN)/jupyter lab --ip 127.0.0.1 --port $(JUPYTER_PORT) --notebook-dir labs $(JUPYTER_FLAGS)
 
 clean:
 	rm -rf $(VENV) build runs merged

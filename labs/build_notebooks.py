@@ -177,14 +177,19 @@ def setup_notebook(lab: Lab) -> nbformat.NotebookNode:
         md("""
             ## Model and data are available offline
 
-            Bundled model aliases resolve to a local folder (SmolLM2 is converted
-            from its GGUF file once and cached); hub ids are downloaded by
-            `transformers` as usual. The demo data ships inside `peftlabs`.
+            Bundled model aliases resolve to a local folder. SmolLM2 is converted
+            from its GGUF file on first use and cached, which takes a minute or
+            so and may show the converter's progress bar; later runs reuse the
+            cache. Hub ids are downloaded by `transformers` as usual. The demo
+            data ships inside `peftlabs`.
         """),
         code("""
+            import datasets
+
             from peftlabs.data import load_task_data
             from peftlabs.models import detect_task, read_model_config, resolve_model
 
+            datasets.disable_progress_bars()  # keep the notebook output to the results
             location = resolve_model(config.model)
             task = detect_task(read_model_config(location)) if config.task == "auto" else config.task
             data = load_task_data(config, task)
@@ -414,7 +419,10 @@ def train_method_cells(lab: Lab, method: MethodCells, first_method: bool) -> lis
 
             Tokens per second counts the non-padding input tokens the model
             processed, divided by the wall-clock training time (which includes
-            data loading and the optimizer step).
+            data loading and the optimizer step). In quick mode the run is two
+            or three steps, the first of which also warms up the kernels: the
+            rate is only an example of the measurement. For rates that can be
+            compared between methods, see `benchmarks/` and `docs/results.md`.
         """),
         code("""
             seconds = result.metrics["train_runtime"]
@@ -531,8 +539,8 @@ def inference_notebook(lab: Lab) -> nbformat.NotebookNode:
             ## Scores
 
             Accuracy and macro-F1 on the test examples. In quick mode the model
-            has trained for a few steps only and the scores mean little; the
-            full run's scores are in `labs/README.md`.
+            has trained for a few steps only and the scores mean little.
+            `labs/README.md` lists the scores of full-length runs.
         """),
         code("""
             import pandas as pd
@@ -722,7 +730,9 @@ def merge_notebook(lab: Lab) -> nbformat.NotebookNode:
 
             One answer per call, after a warm-up call. The unmerged model does
             the adapter's extra work in every forward pass; the merged one has
-            exactly the base model's cost.
+            exactly the base model's cost. Quick mode times a single call per
+            model, and one call on a shared CPU varies too much to compare the
+            two; full mode times five.
         """),
         code("""
             merged_seconds = time_calls(lambda: answer(standalone, texts[0]), TIMED_CALLS)
@@ -799,7 +809,8 @@ def unmerged_deploy_notebook(lab: Lab) -> nbformat.NotebookNode:
             ## Answer requests, timed
 
             `answer` is the whole serving function: text in, label out. Each call
-            is timed after one warm-up call.
+            is timed after one warm-up call. Quick mode times a single call,
+            too few to compare with the base model below; full mode times five.
         """),
         code("""
             for text in texts:
@@ -860,6 +871,10 @@ def readme(lab: Lab) -> str:
             `PEFTLABS_LAB_OUTPUT`. To run on a GPU, set `MODEL` in `02-Train` to a hub model
             such as `{lab.gpu_model}` and `DEVICE = "cuda"`; the later notebooks read the
             model from the saved settings. The labs were tested on CPU only.
+
+            To work through the notebooks in a browser, run `make jupyter` at the
+            repository root (it installs JupyterLab into `.venv` and serves the labs on
+            http://127.0.0.1:8888); `labs/README.md` has the other ways.
         """).strip(),
     ]
     return "\n\n".join(parts) + "\n"
