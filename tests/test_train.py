@@ -145,28 +145,41 @@ def test_bad_input_leaves_nothing(sentences, tmp_path, tiny_llama):
     assert not (tmp_path / "run").exists()
 
 
-def test_response_only_loss_matches_transformers(tiny_llama, sentences, tmp_path):
-    """The trainer's logits_to_keep loss equals the model's own full-logits loss on left-padded batches."""
+@pytest.mark.parametrize("method", ["lora", "prompt_tuning", "prefix_tuning"])
+def test_response_only_loss_matches_transformers(method, tiny_llama, sentences, tmp_path):
+    """The trainer's response-rows loss equals the model's own full-logits loss on left-padded batches."""
     from peftlabs import data as data_module
     from peftlabs.train import PeftLabsTrainer, _build_trainer
 
-    config = tiny_config(tiny_llama, sentences, tmp_path / "run")
+    method_args = {"lora": {"target_modules": ["all-linear"]}} if method == "lora" else {}
+    config = tiny_config(tiny_llama, sentences, tmp_path / "run", method=method, method_args=method_args)
     prepared = prepare(config)
-    train_set = data_module.tokenize_split(prepared.data.train, prepared.tokenizer, prepared.data, 32)
+    train_set = data_module.tokenize_split(prepared.data.train, prepared.tokenizer, prepared.data, 48)
     trainer = _build_trainer(prepared, tmp_path / "run", train_set, train_set)
-    assert isinstance(trainer, PeftLabsTrainer) and trainer.response_only_logits
+    assert isinstance(trainer, PeftLabsTrainer)
+    assert trainer.response_only_logits
+
+    # Responses of different lengths, so the kept window contains padding rows for the shorter ones.
     prompts = ["the cat", "a very big old red mango is here near one", "my plum"]
-    examples = [data_module.encode_causal_example(prepared.tokenizer, p, r, prepared.data.instruction, 32)
-                for p, r in zip(prompts, ["animal", "fruit", "fruit"])]
+    responses = ["animal", "fruit fruit fruit fruit fruit", "fruit"]
+    examples = [data_module.encode_causal_example(prepared.tokenizer, p, r, prepared.data.instruction, 48)
+                for p, r in zip(prompts, responses)]
     batch = trainer.data_collator(examples)
     assert (batch["attention_mask"][:, 0] == 0).any(), "batch should contain left padding"
 
     with torch.no_grad():
         ours = trainer.compute_loss(prepared.model, dict(batch))
         mask = batch["attention_mask"]
+        position_ids = None if method != "lora" else (mask.cumsum(-1) - 1).clamp(min=0)
         reference = prepared.model(input_ids=batch["input_ids"], attention_mask=mask,
-                                   position_ids=(mask.cumsum(-1) - 1).clamp(min=0), labels=batch["labels"]).loss
+                                   position_ids=position_ids, labels=batch["labels"]).loss
+        plain_logits = prepared.model(input_ids=batch["input_ids"], attention_mask=mask).logits
+
     assert abs(ours.item() - reference.item()) < 1e-5
+    # Outside compute_loss the output layer is unchanged: [batch, positions, vocabulary] logits.
+    assert plain_logits.dim() == 3
+    assert plain_logits.shape[0] == batch["input_ids"].shape[0]
+    assert plain_logits.shape[1] >= batch["input_ids"].shape[1]
 
 
 def test_same_seed_same_initial_model(tmp_path, tiny_bert, sentences):
