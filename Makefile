@@ -35,8 +35,9 @@ test-fast: $(STAMP)
 # LABS="labs/Lab-01-LoRA" runs a subset; LABS_FLAGS=--quick runs them in quick mode.
 LABS ?= $(sort $(wildcard labs/Lab-*))
 LABS_FLAGS ?=
+# Only the outputs of the labs being run are replaced; other labs' adapters stay.
 labs: $(STAMP)
-	rm -rf build/labs/outputs
+	rm -rf $(addprefix build/labs/outputs/,$(notdir $(LABS)))
 	$(BIN)/python -m peftlabs.labs $(LABS) $(LABS_FLAGS) --output-dir build/labs/outputs --executed-dir build/labs
 
 # JupyterLab for working through the labs by hand; it listens on this machine only.

@@ -54,6 +54,16 @@ def quick_settings(lab: Lab) -> str:
                       "QUICK_SETTINGS = {", *lines, "}"])
 
 
+LATER_PARAMETER_HELP = """
+    ## Parameters
+
+    The model, data and method come from the settings that `02-Train`
+    saved beside the adapter, so a run on a GPU with a hub model needs
+    only `DEVICE = "cuda"` here. `QUICK` cuts the run to a few examples,
+    which is what the tests do: they set `PEFTLABS_LAB_QUICK=1` and point
+    `PEFTLABS_LAB_OUTPUT` at a temporary folder.
+"""
+
 PARAMETER_HELP = """
     ## Parameters
 
@@ -339,6 +349,7 @@ def _guarded(cell, flag):
 
 
 def train_method_cells(lab: Lab, method: MethodCells, first_method: bool) -> list:
+    count_comment = "  # 4-bit weights count as their real number of values" if method.name == "qlora" else ""
     return [
         md(method.apply_text),
         code(method.apply_code),
@@ -348,11 +359,11 @@ def train_method_cells(lab: Lab, method: MethodCells, first_method: bool) -> lis
             Only the parameters with `requires_grad=True` receive gradients and
             optimizer state, which is where the memory saving of PEFT comes from.
         """),
-        code(join(method.count_code, """
+        code(join(method.count_code, f"""
             from peftlabs.models import count_parameters
 
-            trainable, total = count_parameters(model)  # 4-bit weights count as their real number of values
-            print(f"trainable {trainable:,} of {total:,} parameters ({100 * trainable / total:.3f}%)")
+            trainable, total = count_parameters(model){count_comment}
+            print(f"trainable {{trainable:,}} of {{total:,}} parameters ({{100 * trainable / total:.3f}}%)")
         """)),
         md("""
             ## `TrainingArguments`
@@ -490,7 +501,7 @@ def train_method_cells(lab: Lab, method: MethodCells, first_method: bool) -> lis
 def inference_notebook(lab: Lab) -> nbformat.NotebookNode:
     cells = [
         md(f"# {lab.title} · 3. Inference\n\n{lab.inference_intro}"),
-        md(PARAMETER_HELP.format(gpu_model=lab.gpu_model)),
+        md(LATER_PARAMETER_HELP),
         code("""
             import os
             from pathlib import Path
@@ -542,7 +553,8 @@ def inference_notebook(lab: Lab) -> nbformat.NotebookNode:
 
             Accuracy and macro-F1 on the test examples. In quick mode the model
             has trained for a few steps only and the scores mean little.
-            `labs/README.md` lists the scores of full-length runs.
+            `labs/README.md` lists each method's scores from longer runs and
+            says how they were measured.
         """),
         code("""
             import pandas as pd
@@ -639,11 +651,11 @@ def inference_method_cells(lab: Lab, method: MethodCells, index: int) -> list:
 
 
 def deploy_preamble(lab: Lab, title: str, intro: str) -> list:
-    merge_parameters = ("MERGE_TOLERANCE = 1e-3  # largest accepted |logit difference|; fp32 merges differ by about 1e-5"
+    merge_parameters = ("MERGE_TOLERANCE = 1e-3  # largest accepted |logit difference|; fp32 merges differed by 4e-8 to 2e-4 here"
                         if lab.mergeable else "")
     return [
         md(f"# {lab.title} · 4. {title}\n\n{intro}"),
-        md(PARAMETER_HELP.format(gpu_model=lab.gpu_model)),
+        md(LATER_PARAMETER_HELP),
         code(join("""
             import os
             from pathlib import Path

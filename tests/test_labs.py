@@ -115,3 +115,33 @@ def test_lab_runs_in_quick_mode(lab, tmp_path):
     # The committed notebook is left untouched by the run.
     for path in notebooks:
         assert all(not cell.get("outputs") for cell in nbformat.read(path, as_version=4).cells)
+
+
+def write_lab(folder: Path, failing: str | None = None) -> Path:
+    """A lab folder of four one-cell notebooks; the one named ``failing`` raises."""
+    folder.mkdir(parents=True)
+    for name in ("01-Setup", "02-Train", "03-Inference", "04-Deploy"):
+        source = "raise RuntimeError('broken on purpose')" if name == failing else f"print('{name} ran')"
+        book = nbformat.v4.new_notebook()
+        book.cells = [nbformat.v4.new_code_cell(source)]
+        book.metadata = {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}}
+        nbformat.write(book, folder / f"{name}.ipynb")
+    return folder
+
+
+def test_failing_lab_keeps_copy_and_others_run(tmp_path, capsys):
+    from peftlabs.labs import main
+
+    broken = write_lab(tmp_path / "Lab-91-Broken", failing="02-Train")
+    working = write_lab(tmp_path / "Lab-92-Working")
+    executed = tmp_path / "executed"
+
+    status = main([str(broken), str(working), "--output-dir", str(tmp_path / "out"), "--executed-dir", str(executed)])
+
+    assert status == 1
+    assert "failed labs: Lab-91-Broken" in capsys.readouterr().err
+    failed_copy = nbformat.read(executed / "Lab-91-Broken" / "02-Train.ipynb", as_version=4)
+    assert failed_copy.cells[0].outputs[0]["ename"] == "RuntimeError"
+    assert not (executed / "Lab-91-Broken" / "03-Inference.ipynb").exists()
+    assert sorted(path.name for path in (executed / "Lab-92-Working").glob("*.ipynb")) == [
+        "01-Setup.ipynb", "02-Train.ipynb", "03-Inference.ipynb", "04-Deploy.ipynb"]

@@ -131,9 +131,12 @@ def execute_lab(lab_dir: str | Path, output_dir: str | Path, quick: bool, execut
     starts it with ``sys.executable``), with the lab folder as working
     directory and the quick-mode and output-folder variables set. With
     ``executed_dir``, a copy of each notebook with its outputs and an HTML
-    rendering are written to ``executed_dir/<lab folder>/``. The source
-    notebooks are never modified. A failing cell raises nbclient's
-    ``CellExecutionError``, which names the cell and shows its traceback.
+    rendering are written to ``executed_dir/<lab folder>/``, also for a
+    notebook that failed, so its outputs up to the failing cell can be read.
+    The source notebooks are never modified. A failing cell raises nbclient's
+    ``CellExecutionError``, which names the cell and shows its traceback;
+    the lab's later notebooks are not run, because they read what the
+    earlier ones saved.
     """
     import nbformat
     from nbclient import NotebookClient
@@ -156,10 +159,12 @@ def execute_lab(lab_dir: str | Path, output_dir: str | Path, quick: bool, execut
         client = NotebookClient(notebook, kernel_name="python3", timeout=cell_timeout,
                                 resources={"metadata": {"path": str(lab_dir)}})
         started = time.perf_counter()
-        client.execute(env=environment)
-        print(f"{lab_dir.name}/{path.name}: {time.perf_counter() - started:.0f} s", file=sys.stderr)
-        if executed_dir is not None:
-            _write_executed(notebook, Path(executed_dir) / lab_dir.name / path.name)
+        try:
+            client.execute(env=environment)
+        finally:
+            print(f"{lab_dir.name}/{path.name}: {time.perf_counter() - started:.0f} s", file=sys.stderr)
+            if executed_dir is not None:
+                _write_executed(notebook, Path(executed_dir) / lab_dir.name / path.name)
     return notebooks
 
 
@@ -186,6 +191,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--executed-dir", default=None, help="write executed copies and HTML here")
     args = parser.parse_args(argv)
 
+    from nbclient.exceptions import CellExecutionError
+
+    # A failing lab does not stop the others: each is reported, and the exit status is 1 at the end.
+    failed = []
     for lab in args.labs:
         output = Path(args.output_dir) / Path(lab).name if args.output_dir else Path(lab) / "outputs"
         try:
@@ -193,6 +202,14 @@ def main(argv: list[str] | None = None) -> int:
         except UserError as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
+        except CellExecutionError as error:
+            print(f"{Path(lab).name} failed:\n{error}", file=sys.stderr)
+            failed.append(Path(lab).name)
+
+    if failed:
+        where = f" (executed copies up to the failing cell are in {args.executed_dir})" if args.executed_dir else ""
+        print(f"failed labs: {', '.join(failed)}{where}", file=sys.stderr)
+        return 1
     return 0
 
 
