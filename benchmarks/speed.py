@@ -257,7 +257,9 @@ def profile_baseline_step(model, batch, path: Path) -> None:
 
 
 def profile_peftlabs_step(model, encoded, batch_size: int, pad_id: int, path: Path) -> None:
-    """Profile a peftlabs-shaped step: one batch padded on the left to its longest row, response logits only."""
+    """Profile a peftlabs step: one batch padded on the left to its longest row, the trainer's response loss."""
+    from peftlabs.train import RowSelection, response_loss_sum
+
     rows = [encoded[i] for i in range(batch_size)]
     length = max(len(row["input_ids"]) for row in rows)
     batch = {"input_ids": [], "attention_mask": [], "labels": []}
@@ -267,19 +269,15 @@ def profile_peftlabs_step(model, encoded, batch_size: int, pad_id: int, path: Pa
         batch["attention_mask"].append([0] * pad + row["attention_mask"])
         batch["labels"].append([-100] * pad + row["labels"])
     batch = {key: torch.tensor(value) for key, value in batch.items()}
-    first_response = (batch["labels"] != -100).long().argmax(dim=1)
-    keep = int((length - first_response).max()) + 1
-    positions = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    response_rows = int((batch["labels"][:, 1:] != -100).sum())
 
-    def compute_loss():
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=positions,
-                       logits_to_keep=keep).logits[:, :-1]
-        targets = batch["labels"][:, length - keep + 1:]
-        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                                 ignore_index=-100)
-
-    profile_step(model, compute_loss, path, f"{batch_size}x{length} (logits for the last {keep} positions)")
-
+    selection = RowSelection()
+    hook = model.get_output_embeddings().register_forward_pre_hook(selection)
+    try:
+        profile_step(model, lambda: response_loss_sum(model, batch, selection)[0] / response_rows, path,
+                     f"{batch_size}x{length} (logits for the {response_rows} response positions)")
+    finally:
+        hook.remove()
 
 if __name__ == "__main__":
     main()

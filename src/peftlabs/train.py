@@ -420,42 +420,16 @@ class PeftLabsTrainer(Trainer):
             # compute_loss below divides by the token count of the whole
             # accumulated batch, so the Trainer must not divide again.
             self.model_accepts_loss_kwargs = True
-            self.loss_rows = _RowSelection()
+            self.loss_rows = RowSelection()
             self.model.get_output_embeddings().register_forward_pre_hook(self.loss_rows)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not self.response_only_logits or "labels" not in inputs:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
-        labels = inputs["labels"]
-        model_inputs = {key: value for key, value in inputs.items() if key != "labels"}
-        if not _is_prompt_learning(model):
-            # Left padding shifts positions; give each row positions counted from its first real token.
-            # (peft's prompt-learning models ignore position ids; SmolLM2's rotary attention depends
-            # only on relative positions, which left padding does not change.)
-            mask = inputs["attention_mask"]
-            model_inputs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
-
-        # Hidden states for the positions from the one before the first response token to the
-        # end. Position j of that window predicts token j + 1, so the last one predicts nothing.
-        length = labels.shape[1]
-        first_response = (labels != -100).long().argmax(dim=1)
-        keep = min(int((length - first_response).max()) + 1, length)
-        window_targets = torch.nn.functional.pad(labels[:, length - keep + 1:], (0, 1), value=-100)
-        in_loss = window_targets != -100
-
-        # Logits only for the rows in the loss, as one [rows, vocabulary] matrix.
-        self.loss_rows.rows = in_loss.reshape(-1).nonzero().squeeze(1)
-        try:
-            outputs = model(**model_inputs, logits_to_keep=keep)
-        finally:
-            self.loss_rows.rows = None
-        logits = outputs.logits.float()
-        targets = window_targets[in_loss]
-
-        loss = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+        loss_sum, outputs, targets = response_loss_sum(model, inputs, self.loss_rows)
         count = num_items_in_batch if num_items_in_batch is not None else targets.numel()
-        loss = loss / count.to(loss.device) if torch.is_tensor(count) else loss / count
+        loss = loss_sum / count.to(loss_sum.device) if torch.is_tensor(count) else loss_sum / count
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             # The count is over all processes' batches and DDP averages the gradients over
             # processes, so each process's share is scaled back up, as Trainer.compute_loss does.
@@ -471,7 +445,44 @@ class PeftLabsTrainer(Trainer):
         return loss
 
 
-class _RowSelection:
+def response_loss_sum(model, inputs, row_selection: "RowSelection"):
+    """Return the summed cross-entropy over the response tokens, the model outputs and the targets.
+
+    ``inputs`` is a left-padded causal LM batch with ``labels`` of -100 outside
+    the responses. ``row_selection`` is the RowSelection hook registered on
+    the model's output layer.
+    """
+    labels = inputs["labels"]
+    model_inputs = {key: value for key, value in inputs.items() if key != "labels"}
+    if not _is_prompt_learning(model):
+        # Left padding shifts positions; give each row positions counted from its first real token.
+        # (peft's prompt-learning models ignore position ids; SmolLM2's rotary attention depends
+        # only on relative positions, which left padding does not change.)
+        mask = inputs["attention_mask"]
+        model_inputs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+    # Hidden states for the positions from the one before the first response token to the
+    # end. Position j of that window predicts token j + 1, so the last one predicts nothing.
+    length = labels.shape[1]
+    first_response = (labels != -100).long().argmax(dim=1)
+    keep = min(int((length - first_response).max()) + 1, length)
+    window_targets = torch.nn.functional.pad(labels[:, length - keep + 1:], (0, 1), value=-100)
+    in_loss = window_targets != -100
+
+    # Logits only for the rows in the loss, as one [rows, vocabulary] matrix.
+    row_selection.rows = in_loss.reshape(-1).nonzero().squeeze(1)
+    try:
+        outputs = model(**model_inputs, logits_to_keep=keep)
+    finally:
+        row_selection.rows = None
+    logits = outputs.logits.float()
+    targets = window_targets[in_loss]
+
+    loss_sum = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+    return loss_sum, outputs, targets
+
+
+class RowSelection:
     """Forward pre-hook of the output layer: while ``rows`` is set, the layer receives only those rows.
 
     The rows index the flattened [batch x positions] hidden states. Outside
