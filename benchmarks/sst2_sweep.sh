@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Learning-rate and prompt-length tries for the methods that missed the
+# SST-2 target, with the exact budget of benchmarks/compare/sst2-minilm.yaml
+# (80 steps of 32). Each try is a one-method compare in its own folder, run
+# from a copy of that task config with the method's section changed:
+#   DATA=../shared/data bash benchmarks/sst2_sweep.sh
+# Results: runs/compare/sst2-sweep/NAME/results.md, summarised in docs/results.md.
+set -euo pipefail
+DATA=${DATA:-../shared/data}
+OUT=${OUT:-runs/compare/sst2-sweep}
+PEFTLABS=${PEFTLABS:-.venv/bin/peftlabs}
+PYTHON=${PYTHON:-.venv/bin/python}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+
+# name, method, then the method's section as YAML flow mapping
+tries=(
+  "bitfit-lr5e-3|bitfit|{learning_rate: 5.0e-3}"
+  "bitfit-lr2e-3|bitfit|{learning_rate: 2.0e-3}"
+  "p_tuning_v2-lr5e-2|p_tuning_v2|{learning_rate: 5.0e-2}"
+  "p_tuning_v2-lr3e-2-tokens64|p_tuning_v2|{learning_rate: 3.0e-2, num_virtual_tokens: 64}"
+)
+for entry in "${tries[@]}"; do
+  IFS='|' read -r name method section <<< "$entry"
+  mkdir -p "$OUT/$name"
+  "$PYTHON" - "$OUT/$name/task.yaml" "$method" "$section" <<'PY'
+import sys
+
+import yaml
+
+path, method, section = sys.argv[1:]
+task = yaml.safe_load(open("benchmarks/compare/sst2-minilm.yaml"))
+task[method] = yaml.safe_load(section)
+with open(path, "w") as file:
+    yaml.safe_dump(task, file, sort_keys=False)
+PY
+  nice -n 10 $PEFTLABS compare --task-config "$OUT/$name/task.yaml" \
+    --dataset "$DATA/sst2/train.tsv" --eval-dataset "$DATA/sst2/dev.tsv" \
+    --methods "$method" --output-dir "$OUT/$name"
+done
