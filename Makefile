@@ -35,10 +35,9 @@ test-fast: $(STAMP)
 # LABS="labs/Lab-01-LoRA" runs a subset; LABS_FLAGS=--quick runs them in quick mode.
 LABS ?= $(sort $(wildcard labs/Lab-*))
 LABS_FLAGS ?=
-# Only the outputs of the labs being run are replaced; other labs' adapters stay.
+# Only the outputs of the labs being run are replaced, after every folder is checked; other labs' adapters stay.
 labs: $(STAMP)
-	rm -rf $(addprefix build/labs/outputs/,$(notdir $(LABS)))
-	$(BIN)/python -m peftlabs.labs $(LABS) $(LABS_FLAGS) --output-dir build/labs/outputs --executed-dir build/labs
+	$(BIN)/python -m peftlabs.labs $(LABS) $(LABS_FLAGS) --replace-outputs --output-dir build/labs/outputs --executed-dir build/labs
 
 # JupyterLab for working through the labs by hand; it listens on this machine only.
 # JUPYTER_FLAGS=--allow-root inside a container that runs as root.

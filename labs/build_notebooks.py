@@ -54,6 +54,17 @@ def quick_settings(lab: Lab) -> str:
                       "QUICK_SETTINGS = {", *lines, "}"])
 
 
+SETUP_PARAMETER_HELP = """
+    ## Parameters
+
+    `INSTALL = True` installs the pinned requirements first. `MODEL`
+    checks here that another model (for example `{gpu_model}`) resolves
+    and loads its config; it does not carry over to the next notebooks, so
+    to train with it set `MODEL` (and `DEVICE`) again in `02-Train`.
+    `QUICK` and the output folder come from the environment variables the
+    tests set, `PEFTLABS_LAB_QUICK` and `PEFTLABS_LAB_OUTPUT`.
+"""
+
 LATER_PARAMETER_HELP = """
     ## Parameters
 
@@ -85,7 +96,7 @@ def setup_notebook(lab: Lab) -> nbformat.NotebookNode:
     config_files = ", ".join(f"`{m.config_file}`" for m in lab.methods)
     cells = [
         md(f"# {lab.title} · 1. Setup\n\n{lab.idea}"),
-        md(PARAMETER_HELP.format(gpu_model=lab.gpu_model)),
+        md(SETUP_PARAMETER_HELP.format(gpu_model=lab.gpu_model)),
         code(f"""
             import os
             from pathlib import Path
@@ -651,7 +662,7 @@ def inference_method_cells(lab: Lab, method: MethodCells, index: int) -> list:
 
 
 def deploy_preamble(lab: Lab, title: str, intro: str) -> list:
-    merge_parameters = ("MERGE_TOLERANCE = 1e-3  # largest accepted |logit difference|; fp32 merges differed by 4e-8 to 2e-4 here"
+    merge_parameters = ("MERGE_TOLERANCE = 1e-3  # largest accepted |logit difference|; docs/merging.md lists measured ones"
                         if lab.mergeable else "")
     return [
         md(f"# {lab.title} · 4. {title}\n\n{intro}"),

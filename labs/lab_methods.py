@@ -266,13 +266,17 @@ PEFT_BASE_TIMING_TEXT = """
     stops at its end-of-turn token, so the tuned model's short label and the
     base model's long chat reply differ in length. The adapter's cost is
     measured instead on one forward pass over the reference batch, with the
-    adapter and with it switched off by `model.disable_adapter()`.
+    adapter and with it switched off by `model.disable_adapter()`. The
+    prompt methods add 20 positions to attention or to the input, which is
+    small next to the 30 layers' matrix products, so the two times can be
+    within the noise of a shared CPU of each other.
 """
 
 PEFT_BASE_TIMING_CODE = """
     with_adapter = time_calls(lambda: logits_of(model, batch), TIMED_CALLS)
     with model.disable_adapter():
         base_alone = time_calls(lambda: logits_of(model, batch), TIMED_CALLS)
+    # A difference of a few percent either way is within the noise of a shared CPU.
     for name, seconds in (("with adapter", with_adapter), ("base alone", base_alone)):
         print(f"{name:13s} {1000 * sum(seconds) / len(seconds):7.1f} ms per forward pass over "
               f"{len(batch['input_ids'])} inputs (min {1000 * min(seconds):.1f})")
@@ -424,9 +428,9 @@ QLORA_MERGE_TEXT = """
 QLoRA trains against the NF4 weights. Merging $B A$ into a 4-bit base with
 `merge_and_unload` adds the update and quantizes the sum back to 4 bits.
 The rounding can move the logits as much as the adapter itself did: on CPU
-with SmolLM2 it moved them by 7 to 46 in the runs measured for this
-project, depending on the adapter, and the cell below prints both
-numbers. The correct merge de-quantizes the base to
+with SmolLM2 it moved them by 7.2 in a quick run of this lab and by 14.6
+and 46 in the runs recorded in `docs/merging.md`, depending on the
+adapter. The cell below prints both numbers. The correct merge de-quantizes the base to
 fp32 (the exact values the adapter was trained against), attaches the
 adapter again and merges into that copy; `peftlabs.methods.qlora` does the
 same. Below, both are compared with the unmerged 4-bit model.

@@ -106,3 +106,23 @@ def test_checkpointing_trains_end_to_end(tiny_llama, sentences, tmp_path):
 
     assert len(losses) == 2
     assert losses[1] < losses[0]
+
+
+def test_atomic_saves_get_umask_permissions(tmp_path):
+    import os
+    import tempfile
+
+    from peftlabs.runs import atomic_dir, write_json_atomic
+
+    previous = os.umask(0o022)
+    try:
+        write_json_atomic(tmp_path / "metrics.json", {"accuracy": 1.0})
+        with atomic_dir(tmp_path / "adapter") as staging:
+            handle, _ = tempfile.mkstemp(dir=staging)  # private (0600), like a library's own atomic write
+            os.close(handle)
+    finally:
+        os.umask(previous)
+
+    assert (tmp_path / "metrics.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "adapter").stat().st_mode & 0o777 == 0o755
+    assert [path.stat().st_mode & 0o777 for path in (tmp_path / "adapter").iterdir()] == [0o644]

@@ -145,3 +145,17 @@ def test_failing_lab_keeps_copy_and_others_run(tmp_path, capsys):
     assert not (executed / "Lab-91-Broken" / "03-Inference.ipynb").exists()
     assert sorted(path.name for path in (executed / "Lab-92-Working").glob("*.ipynb")) == [
         "01-Setup.ipynb", "02-Train.ipynb", "03-Inference.ipynb", "04-Deploy.ipynb"]
+
+
+def test_bad_lab_path_deletes_nothing(tmp_path):
+    from peftlabs.labs import main
+
+    working = write_lab(tmp_path / "Lab-92-Working")
+    earlier = tmp_path / "out" / "Lab-92-Working" / "adapter"
+    earlier.mkdir(parents=True)
+
+    status = main([str(working), str(tmp_path / "Lab-93-Missing"), "--replace-outputs",
+                   "--output-dir", str(tmp_path / "out")])
+
+    assert status == 2
+    assert earlier.is_dir()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -22,6 +23,7 @@ import torch
 
 from peftlabs import data as data_module
 from peftlabs.errors import UserError
+from peftlabs.runs import set_default_permissions
 
 # Environment variables read by every notebook's parameter cell.
 QUICK_VARIABLE = "PEFTLABS_LAB_QUICK"
@@ -154,6 +156,10 @@ def execute_lab(lab_dir: str | Path, output_dir: str | Path, quick: bool, execut
     environment["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
 
     notebooks = lab_notebooks(lab_dir)
+    if executed_dir is not None:
+        # Copies from an earlier run would otherwise sit next to this run's, unmarked as old.
+        for old_copy in (Path(executed_dir) / lab_dir.name).glob("0*-*.*"):
+            old_copy.unlink()
     for path in notebooks:
         notebook = nbformat.read(path, as_version=4)
         client = NotebookClient(notebook, kernel_name="python3", timeout=cell_timeout,
@@ -179,6 +185,7 @@ def _write_executed(notebook, target: Path) -> None:
         handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
         with os.fdopen(handle, "w") as file:
             file.write(text)
+        set_default_permissions(Path(temporary))
         os.replace(temporary, path)
 
 
@@ -189,7 +196,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output-dir", default=None,
                         help="folder for adapters and merged models; default: outputs/ inside each lab")
     parser.add_argument("--executed-dir", default=None, help="write executed copies and HTML here")
+    parser.add_argument("--replace-outputs", action="store_true",
+                        help="delete each lab's earlier adapters and merged models before running it")
     args = parser.parse_args(argv)
+
+    # Every folder is checked before any lab runs or any output is deleted.
+    try:
+        for lab in args.labs:
+            lab_notebooks(lab)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
 
     from nbclient.exceptions import CellExecutionError
 
@@ -197,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     failed = []
     for lab in args.labs:
         output = Path(args.output_dir) / Path(lab).name if args.output_dir else Path(lab) / "outputs"
+        if args.replace_outputs and output.exists():
+            shutil.rmtree(output)
         try:
             execute_lab(lab, output, args.quick, args.executed_dir)
         except UserError as error:

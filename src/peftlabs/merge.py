@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,22 +127,7 @@ def merge_run(run_dir: str | Path, output: str | Path, tolerance: float = DEFAUL
         report = MergeReport(output, difference, reload_difference, tolerance, generations_identical,
                              labels_identical, len(sample_split))
         (staging / "README.md").write_text(_model_card(loaded, run_dir, report))
-        _set_default_permissions(staging)
     return report
-
-
-def _set_default_permissions(folder: Path) -> None:
-    """Give the staged folder and its files the permissions the user's umask gives new files.
-
-    The staging folder comes from ``tempfile.mkdtemp`` (mode 0700), and some
-    files are written private (0600); a deployed model is usually read by another user.
-    """
-    umask = os.umask(0)
-    os.umask(umask)
-    folder.chmod(0o777 & ~umask)
-    for path in folder.iterdir():
-        if path.is_file():
-            path.chmod(0o666 & ~umask)
 
 
 def reject_unmergeable(run_dir: Path) -> None:

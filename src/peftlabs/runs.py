@@ -56,6 +56,7 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         yield staging
+        set_default_permissions(staging)
         if target.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
             os.replace(target, old / target.name)
@@ -68,6 +69,23 @@ def atomic_dir(target: Path) -> Iterator[Path]:
         raise
 
 
+def set_default_permissions(path: Path) -> None:
+    """Give a staged file, or a folder and everything in it, the permissions the user's umask gives.
+
+    ``tempfile.mkdtemp`` and ``mkstemp`` create private entries (0700 and
+    0600), and the rename into place keeps that mode. Saved runs and models
+    are often read by another user or a server.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    entries = [path, *path.rglob("*")] if path.is_dir() else [path]
+    for entry in entries:
+        if entry.is_dir():
+            entry.chmod(0o777 & ~umask)
+        elif entry.is_file():
+            entry.chmod(0o666 & ~umask)
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
@@ -75,6 +93,7 @@ def write_json_atomic(path: Path, data: Any) -> None:
         with os.fdopen(handle, "w") as file:
             json.dump(data, file, indent=2, default=str)
             file.write("\n")
+        set_default_permissions(Path(temporary))
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
