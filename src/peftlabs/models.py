@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from peftlabs.errors import UserError
+from peftlabs.runs import set_default_permissions
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +144,7 @@ def convert_gguf(gguf_path: Path) -> Path:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
         (staging / "peftlabs_source.json").write_text(json.dumps({"gguf": str(gguf_path)}))
+        set_default_permissions(staging)
         os.replace(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
