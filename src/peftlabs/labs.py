@@ -14,7 +14,6 @@ import argparse
 import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -23,7 +22,7 @@ import torch
 
 from peftlabs import data as data_module
 from peftlabs.errors import UserError
-from peftlabs.runs import set_default_permissions
+from peftlabs.runs import write_text_atomic
 
 # Environment variables read by every notebook's parameter cell.
 QUICK_VARIABLE = "PEFTLABS_LAB_QUICK"
@@ -179,14 +178,9 @@ def _write_executed(notebook, target: Path) -> None:
     import nbformat
     from nbconvert import HTMLExporter
 
-    target.parent.mkdir(parents=True, exist_ok=True)
     html, _ = HTMLExporter().from_notebook_node(notebook)
-    for path, text in ((target, nbformat.writes(notebook)), (target.with_suffix(".html"), html)):
-        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        with os.fdopen(handle, "w") as file:
-            file.write(text)
-        set_default_permissions(Path(temporary))
-        os.replace(temporary, path)
+    write_text_atomic(target, nbformat.writes(notebook))
+    write_text_atomic(target.with_suffix(".html"), html)
 
 
 def main(argv: list[str] | None = None) -> int:

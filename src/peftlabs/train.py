@@ -399,17 +399,17 @@ class PeftLabsTrainer(Trainer):
     """Trainer that counts real tokens and, for causal LMs, computes logits only where the loss needs them.
 
     Causal LM batches are padded on the left, so every response ends at the
-    last column. The loss covers response tokens only, so the model is asked
-    for the hidden states of the last ``keep`` positions (``logits_to_keep``)
-    instead of all of them, and a forward pre-hook on the output layer keeps,
-    of those, only the rows whose next token is in the loss: the shorter
-    responses' padding inside the window is dropped too. The vocabulary
-    projection of SmolLM2 (576 x 49,152) is about a fifth of the model's
-    multiply-adds per token, so the prompt positions' share of it is skipped.
-    The gathered rows form one 2-D matrix, which torch multiplies with one
-    ``mm``; the strided 3-D slice ran as a batched ``bmm``, measured about 1.5
-    times slower. The loss is the same token-averaged cross-entropy that
-    transformers computes.
+    last column. The loss covers response tokens only, so the model computes
+    hidden states for the last ``keep`` positions only (``logits_to_keep``).
+    A forward pre-hook on the output layer (RowSelection) then keeps only the
+    rows whose next token is in the loss, which also drops the padding of
+    shorter responses inside that window. The vocabulary projection of
+    SmolLM2 (576 x 49,152) is about a fifth of the model's multiply-adds per
+    token, so skipping the prompt positions saves most of it. The kept rows
+    form one 2-D matrix, which torch multiplies with one ``mm``. The strided
+    3-D slice used before ran as a batched ``bmm``, about 1.5 times slower in
+    a micro-benchmark. The loss is the same token-averaged cross-entropy
+    that transformers computes.
     """
 
     def __init__(self, *args, response_only_logits: bool = False, **kwargs):
@@ -455,9 +455,9 @@ def response_loss_sum(model, inputs, row_selection: "RowSelection"):
     labels = inputs["labels"]
     model_inputs = {key: value for key, value in inputs.items() if key != "labels"}
     if not _is_prompt_learning(model):
-        # Left padding shifts positions; give each row positions counted from its first real token.
-        # (peft's prompt-learning models ignore position ids; SmolLM2's rotary attention depends
-        # only on relative positions, which left padding does not change.)
+        # Left padding shifts positions, so each row gets positions counted from its first real token.
+        # Prompt-learning models skip this: peft ignores their position ids, and rotary attention
+        # depends only on relative positions, which left padding does not change.
         mask = inputs["attention_mask"]
         model_inputs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
 
