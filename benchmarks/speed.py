@@ -17,7 +17,8 @@ covers every non-padding token: prompt and response), and ``Trainer`` runs
 with default ``TrainingArguments`` apart from batch size, steps, learning
 rate, seed and CPU. `peftlabs train` pads each batch to its own longest
 example, groups examples of similar length, computes the loss on response
-tokens only, and asks the model for the logits of the response positions only.
+tokens only, asks the model for the logits of the response positions only,
+and computes the system prompt that begins every row once per batch.
 
 The script also measures this CPU's fp32 and bf16 ``torch.matmul`` peak, the
 achieved training FLOP/s of both recipes as a fraction of it, and profiles
@@ -224,13 +225,17 @@ def run_peftlabs(config, tokenizer, task_data, eval_prompts, eval_references, ou
     metrics = result.metrics
     seconds = metrics["train_seconds"]
     sizes = model_sizes(result.model)
-    useful = training_flops(sizes, metrics["train_tokens"], response_tokens)
+    # The shared prompt prefix is computed once per batch: those tokens cost no FLOPs for the other rows.
+    computed_tokens = metrics["train_tokens"] - metrics["train_tokens_shared"]
+    useful = training_flops(sizes, computed_tokens, response_tokens)
     profile_peftlabs_step(result.model, encoded, config.batch_size, tokenizer.pad_token_id,
                           output / "profile_peftlabs.txt")
     return {
         "train_seconds": seconds,
         "train_loss": round(metrics["train_loss"], 4),
         "real_tokens": metrics["train_tokens"],
+        "shared_prefix_tokens": metrics["train_tokens_shared"],
+        "computed_tokens": computed_tokens,
         "response_tokens": response_tokens,
         "real_tokens_per_second": round(metrics["train_tokens"] / seconds, 1),
         "useful_flops_per_second": round(useful / seconds),
@@ -274,7 +279,8 @@ def profile_peftlabs_step(model, encoded, batch_size: int, pad_id: int, path: Pa
     selection = RowSelection()
     hook = model.get_output_embeddings().register_forward_pre_hook(selection)
     try:
-        profile_step(model, lambda: response_loss_sum(model, batch, selection)[0] / response_rows, path,
+        profile_step(model, lambda: response_loss_sum(model, batch, selection, shared_prefix=True)[0] / response_rows,
+                     path,
                      f"{batch_size}x{length} (logits for the {response_rows} response positions)")
     finally:
         hook.remove()

@@ -204,3 +204,87 @@ def test_config_records_default_learning_rate(tmp_path, tiny_llama, sentences):
 
     recorded = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert recorded["learning_rate"] == get_method("lora").default_learning_rate
+
+
+@pytest.mark.parametrize("method", ["lora", "ia3", "full"])
+def test_shared_prefix_same_loss_and_gradients(method, tiny_llama, sentences, tmp_path):
+    """Computing the rows' common prompt once changes neither the loss nor the gradients."""
+    from peftlabs import data as data_module
+    from peftlabs.train import _build_trainer, response_loss_sum, shared_prefix_length
+
+    instruction = "read the sentence below and answer with one word from this list: {labels}"
+    config = tiny_config(tiny_llama, sentences, tmp_path / "run", method=method, instruction=instruction,
+                         method_args={})
+    prepared = prepare(config)
+    train_set = data_module.tokenize_split(prepared.data.train, prepared.tokenizer, prepared.data, 64)
+    trainer = _build_trainer(prepared, tmp_path / "run", train_set, train_set)
+    assert trainer.shared_prefix
+
+    prompts = ["the cat", "a very big old red mango is here near one", "my plum"]
+    responses = ["animal", "fruit fruit fruit fruit fruit", "fruit"]
+    examples = [data_module.encode_causal_example(prepared.tokenizer, p, r, prepared.data.instruction, 64)
+                for p, r in zip(prompts, responses)]
+    batch = trainer.data_collator(examples)
+    assert (batch["attention_mask"][:, 0] == 0).any(), "batch should contain left padding"
+    prefix = shared_prefix_length(batch["input_ids"], batch["attention_mask"], batch["labels"])
+    assert prefix >= 8
+
+    # Dropout off (eval mode), so both computations see the same function; gradients still flow.
+    model = prepared.model
+    model.eval()
+    trainable = [parameter for parameter in model.parameters() if parameter.requires_grad]
+    results = {}
+    for shared in (False, True):
+        model.zero_grad(set_to_none=True)
+        loss_sum, _, targets, saved = response_loss_sum(model, dict(batch), trainer.loss_rows, shared)
+        (loss_sum / targets.numel()).backward()
+        results[shared] = (loss_sum.item(), [parameter.grad.clone() for parameter in trainable], saved)
+
+    assert results[False][2] == 0
+    assert results[True][2] == 2 * prefix  # three rows, two of them reuse the prefix
+    assert abs(results[True][0] - results[False][0]) < 1e-4 * max(1.0, abs(results[False][0]))
+    for plain, shared in zip(results[False][1], results[True][1]):
+        assert torch.allclose(plain, shared, rtol=1e-4, atol=1e-6)
+    assert any(grad.abs().sum() > 0 for grad in results[True][1])
+
+
+def test_shared_prefix_length_cases(tiny_llama):
+    """No sharing for rows that begin differently, for one row, or for right-padded batches."""
+    from peftlabs.train import MIN_SHARED_PREFIX, shared_prefix_length
+
+    common = list(range(10, 10 + MIN_SHARED_PREFIX + 2))
+    # Row 0 is left-padded by one; after the common prompt each row has prompt tokens of its own.
+    ids = torch.tensor([[0] + common + [40, 50, 51], common + [60, 61, 62, 63]])
+    mask = torch.tensor([[0] + [1] * (len(common) + 3), [1] * (len(common) + 4)])
+    labels = torch.tensor([[-100] * (len(common) + 2) + [50, 51], [-100] * (len(common) + 2) + [62, 63]])
+
+    assert shared_prefix_length(ids, mask, labels) == len(common)
+    # The prefix stops before the position that predicts the first response token.
+    early = labels.clone()
+    early[1, len(common) - 1:] = ids[1, len(common) - 1:]
+    assert shared_prefix_length(ids, mask, early) == len(common) - 2
+    # A prefix shorter than MIN_SHARED_PREFIX is not shared.
+    early[1, len(common) - 3:] = ids[1, len(common) - 3:]
+    assert shared_prefix_length(ids, mask, early) == 0
+    different = ids.clone()
+    different[1, 0] = 99
+    assert shared_prefix_length(different, mask, labels) == 0
+    assert shared_prefix_length(ids[:1], mask[:1], labels[:1]) == 0
+    right_padded = torch.tensor([[1] * (len(common) + 3) + [0], [1] * (len(common) + 4)])
+    assert shared_prefix_length(ids, right_padded, labels) == 0
+
+
+@pytest.mark.parametrize("method", ["adapters", "prefix_tuning"])
+def test_shared_prefix_off_for_adapters_and_prompts(method, tiny_llama, sentences, tmp_path):
+    """Bottleneck adapters (a wrong loss from a cache in adapters 1.3.0) and prompt learning do not share."""
+    from peftlabs import data as data_module
+    from peftlabs.train import _build_trainer
+
+    config = tiny_config(tiny_llama, sentences, tmp_path / "run", method=method, method_args={})
+    prepared = prepare(config)
+    train_set = data_module.tokenize_split(prepared.data.train, prepared.tokenizer, prepared.data, 64)
+
+    trainer = _build_trainer(prepared, tmp_path / "run", train_set, train_set)
+
+    assert trainer.response_only_logits
+    assert not trainer.shared_prefix

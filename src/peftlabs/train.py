@@ -198,6 +198,9 @@ def train(config: RunConfig) -> TrainResult:
             "train_loss": result.training_loss,
             "train_seconds": round(train_seconds, 2),
             "train_tokens": tokens,
+            # Of those, prompt tokens computed once per batch instead of once per row (shared_prefix).
+            "train_tokens_shared": int(accelerator.reduce(torch.tensor(counter.shared_tokens,
+                                                                       device=accelerator.device), "sum")),
             "train_tokens_per_second": round(tokens / max(counter.seconds, 1e-9), 1),
             "peak_memory_bytes": peak_memory_bytes(prepared.device),
             "base_memory_bytes": prepared.base_memory_bytes,
@@ -358,6 +361,8 @@ def _build_trainer(prepared: Prepared, run_dir: Path, train_set, eval_set) -> "P
         data_collator=data_module.collator(prepared.tokenizer, prepared.data.task),
         compute_metrics=None if causal else _classification_metrics(prepared.data),
         response_only_logits=causal and _supports_logits_to_keep(prepared.model),
+        shared_prefix=causal and config.shared_prefix and not config.gradient_checkpointing
+        and _supports_shared_prefix(prepared.model),
     )
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(UnitsProgressCallback(trainer.token_counter, prepared.device))
@@ -378,6 +383,25 @@ def _supports_logits_to_keep(model) -> bool:
     return has_output_layer and "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
+def _supports_shared_prefix(model) -> bool:
+    """Return whether the model can run a batch's shared prompt once and continue every row from its cache.
+
+    Prompt-learning methods are left out: they already pass their own
+    virtual tokens as the cache. So are models with `adapters` bottleneck
+    adapters: with adapters 1.3.0 a Llama model continuing from a cache
+    gives a different loss (and repeats tokens in cached generation, see
+    methods/bottleneck.py).
+    """
+    import inspect
+
+    if _is_prompt_learning(model) or hasattr(model, "adapters_config"):
+        return False
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    parameters = inspect.signature(base.forward).parameters
+    is_decoder_only = not getattr(base.config, "is_encoder_decoder", False)
+    return is_decoder_only and "past_key_values" in parameters and "use_cache" in parameters
+
+
 def _classification_metrics(data):
     def compute(prediction):
         predicted = [data.labels[i] for i in prediction.predictions.argmax(-1)]
@@ -393,6 +417,7 @@ class TokenCounter:
     def __init__(self):
         self.tokens = 0
         self.seconds = 0.0
+        self.shared_tokens = 0  # prompt tokens computed once per batch instead of once per row
 
 
 class PeftLabsTrainer(Trainer):
@@ -412,10 +437,11 @@ class PeftLabsTrainer(Trainer):
     that transformers computes.
     """
 
-    def __init__(self, *args, response_only_logits: bool = False, **kwargs):
+    def __init__(self, *args, response_only_logits: bool = False, shared_prefix: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.token_counter = TokenCounter()
         self.response_only_logits = response_only_logits
+        self.shared_prefix = response_only_logits and shared_prefix
         if response_only_logits:
             # compute_loss below divides by the token count of the whole
             # accumulated batch, so the Trainer must not divide again.
@@ -427,7 +453,9 @@ class PeftLabsTrainer(Trainer):
         if not self.response_only_logits or "labels" not in inputs:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
-        loss_sum, outputs, targets = response_loss_sum(model, inputs, self.loss_rows)
+        loss_sum, outputs, targets, shared = response_loss_sum(model, inputs, self.loss_rows, self.shared_prefix)
+        if model.training:
+            self.token_counter.shared_tokens += shared
         count = num_items_in_batch if num_items_in_batch is not None else targets.numel()
         loss = loss_sum / count.to(loss_sum.device) if torch.is_tensor(count) else loss_sum / count
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
@@ -445,12 +473,14 @@ class PeftLabsTrainer(Trainer):
         return loss
 
 
-def response_loss_sum(model, inputs, row_selection: "RowSelection"):
-    """Return the summed cross-entropy over the response tokens, the model outputs and the targets.
+def response_loss_sum(model, inputs, row_selection: "RowSelection", shared_prefix: bool = False):
+    """Return the summed cross-entropy over the response tokens, the model outputs, the targets
+    and the number of prompt tokens the shared prefix saved computing.
 
     ``inputs`` is a left-padded causal LM batch with ``labels`` of -100 outside
     the responses. ``row_selection`` is the RowSelection hook registered on
-    the model's output layer.
+    the model's output layer. With ``shared_prefix``, the prompt tokens that
+    begin every row are computed once (see ``shared_prefix_length``).
     """
     labels = inputs["labels"]
     model_inputs = {key: value for key, value in inputs.items() if key != "labels"}
@@ -460,6 +490,11 @@ def response_loss_sum(model, inputs, row_selection: "RowSelection"):
         # depends only on relative positions, which left padding does not change.
         mask = inputs["attention_mask"]
         model_inputs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+    # The prompt that every row begins with runs once, and the rows continue from its cache.
+    prefix = shared_prefix_length(inputs["input_ids"], inputs["attention_mask"], labels) if shared_prefix else 0
+    if prefix:
+        model_inputs, labels = _continue_after_prefix(model, model_inputs, labels, prefix)
 
     # Hidden states for the positions from the one before the first response token to the
     # end. Position j of that window predicts token j + 1, so the last one predicts nothing.
@@ -479,7 +514,80 @@ def response_loss_sum(model, inputs, row_selection: "RowSelection"):
     targets = window_targets[in_loss]
 
     loss_sum = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
-    return loss_sum, outputs, targets
+    return loss_sum, outputs, targets, (labels.shape[0] - 1) * prefix
+
+
+# Tokens. An estimate, not measured: a shorter prefix saves too little to pay for the extra forward call.
+MIN_SHARED_PREFIX = 8
+
+
+def shared_prefix_length(input_ids, attention_mask, labels) -> int:
+    """Length of the prompt that begins every row of a left-padded batch, or 0 if not worth sharing.
+
+    Instruction data usually renders the same system instruction at the start
+    of every example, so a batch of B rows computes those tokens B times.
+    The prefix stops before the position that predicts the first response
+    token of any row, and leaves every row at least one token of its own.
+    """
+    rows, length = input_ids.shape
+    real = attention_mask.long().sum(dim=1)
+    start = length - real
+    columns = torch.arange(length, device=input_ids.device)
+    left_padded = torch.equal(attention_mask.bool(), columns[None] >= start[:, None])
+    if rows < 2 or not left_padded:
+        return 0
+
+    # The first tokens every row has, aligned at each row's first real token.
+    shortest = int(real.min())
+    aligned = start[:, None] + columns[None, :shortest]
+    tokens = input_ids.gather(1, aligned)
+    same = (tokens == tokens[:1]).all(dim=0)
+    prefix = int(same.long().cumprod(dim=0).sum())
+
+    # Stop before the position that predicts each row's first response token.
+    has_response = (labels != -100).any(dim=1)
+    first_response = torch.where(has_response, (labels != -100).long().argmax(dim=1) - start, real)
+    prefix = min(prefix, int(first_response.min()) - 1, shortest - 1)
+    return prefix if prefix >= MIN_SHARED_PREFIX else 0
+
+
+def _continue_after_prefix(model, model_inputs, labels, prefix: int):
+    """Run the shared prefix once and return the inputs and labels of the rest of every row.
+
+    The prefix's keys and values go into a cache, copied for every row, and
+    each row continues after it with its own tokens, still left-padded. The
+    keys are in the order [prefix, padding, row] and the positions are
+    unchanged, so every loss term equals the one from the whole batch. Gradients flow back
+    through the copies into the one prefix computation. One difference from
+    per-row computation: dropout (such as LoRA's) draws one mask for the
+    prefix and every row shares it.
+    """
+    from transformers import DynamicCache
+
+    input_ids, mask, positions = model_inputs["input_ids"], model_inputs["attention_mask"], model_inputs["position_ids"]
+    rows, length = input_ids.shape
+    start = length - mask.long().sum(dim=1)
+
+    # 1. The prefix, as a batch of one row. Its logits are not needed, so only one position's are computed.
+    first = int(start[0])
+    window = slice(first, first + prefix)
+    cache = DynamicCache()
+    model(input_ids=input_ids[:1, window], attention_mask=mask[:1, window], position_ids=positions[:1, window],
+          past_key_values=cache, use_cache=True, logits_to_keep=1)
+    cache.batch_repeat_interleave(rows)
+
+    # 2. Every row without its prefix columns, with the padding still on the left.
+    columns = torch.arange(length - prefix, device=input_ids.device)
+    source = columns[None] + prefix * (columns[None] >= start[:, None])
+    rest_mask = mask.gather(1, source)
+    rest_inputs = {
+        "input_ids": input_ids.gather(1, source),
+        "attention_mask": torch.cat([mask.new_ones(rows, prefix), rest_mask], dim=1),
+        "position_ids": positions.gather(1, source),
+        "past_key_values": cache,
+        "use_cache": True,
+    }
+    return rest_inputs, labels.gather(1, source)
 
 
 class RowSelection:
