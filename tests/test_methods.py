@@ -27,6 +27,7 @@ from peftlabs.train import prepare, train
 VARIANTS = {
     "adapters-lora": ("adapters", {"adapters": {"variant": "lora", "rank": 4, "alpha": 8.0,
                                                 "attn_matrices": ["q", "k", "v"]}}),
+    "p_tuning_v2-vocabulary": ("p_tuning_v2", {"p_tuning_v2": {"num_virtual_tokens": 8, "init": "vocabulary"}}),
 }
 
 # Settings that let each method learn the tiny task in 80 steps.
@@ -44,7 +45,8 @@ METHOD_ARGS = {
     **{name: settings for name, (_, settings) in VARIANTS.items()},
 }
 LEARNING_RATES = {"prompt_tuning": 3e-2, "prefix_tuning": 1e-2, "p_tuning": 1e-2, "p_tuning_v2": 3e-2, "ia3": 3e-2,
-                  "bitfit": 3e-2, "adapters": 1e-2, "qlora": 1e-2, "lora": 1e-2, "adapters-lora": 1e-2}
+                  "bitfit": 3e-2, "adapters": 1e-2, "qlora": 1e-2, "lora": 1e-2, "adapters-lora": 1e-2,
+                  "p_tuning_v2-vocabulary": 3e-2}
 MODELS = {"tiny_llama": "causal_lm", "tiny_bert": "classification"}
 CASE_METHODS = {**{name: name for name in method_names()}, **{name: m for name, (m, _) in VARIANTS.items()}}
 CASES = [(name, model) for name in CASE_METHODS for model in MODELS
@@ -64,6 +66,7 @@ WEAK_ON_RANDOM_MODELS = {
     ("adapters", "tiny_bert"), ("prompt_tuning", "tiny_llama"), ("prompt_tuning", "tiny_bert"), ("prefix_tuning", "tiny_llama"),
     ("ia3", "tiny_llama"), ("bitfit", "tiny_bert"), ("p_tuning", "tiny_llama"), ("p_tuning", "tiny_bert"),
     ("p_tuning_v2", "tiny_llama"), ("p_tuning_v2", "tiny_bert"),
+    ("p_tuning_v2-vocabulary", "tiny_llama"), ("p_tuning_v2-vocabulary", "tiny_bert"),
 }
 
 
@@ -219,3 +222,35 @@ def test_prefix_changes_generation(sentences, tmp_path, tiny_llama):
         base = generate(loaded.model, loaded.tokenizer, PROBE, instruction, max_new_tokens=4, progress=False)
     tuned = generate(loaded.model, loaded.tokenizer, PROBE, instruction, max_new_tokens=4, progress=False)
     assert tuned != base
+
+
+def test_p_tuning_v2_vocabulary_init_layout(tiny_llama, sentence_files, tmp_path):
+    """init 'vocabulary' puts each layer's keys and values where peft reads them."""
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    from peftlabs.methods.prefix_tuning import init_prefix_from_vocabulary
+
+    config = tiny_config(tiny_llama, sentence_files, tmp_path / "run", method="p_tuning_v2",
+                         method_args={"p_tuning_v2": {"num_virtual_tokens": 6, "init": "vocabulary"}})
+    model = prepare(config).model
+    tokens = torch.tensor([[5, 9, 2, 7, 7, 11]])
+    init_prefix_from_vocabulary(model, tokens)
+    prompts = model.get_prompt(batch_size=1)  # the cache peft builds from the prefix weights
+
+    # The same tokens through a fresh copy of the base model, which records its keys and values in a cache.
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    cache = DynamicCache()
+    with torch.no_grad():
+        base(input_ids=tokens, past_key_values=cache, use_cache=True)
+
+    for layer in range(base.config.num_hidden_layers):
+        # Values carry no position encoding, so they must match exactly where peft reads them.
+        assert torch.allclose(prompts.layers[layer].values, cache.layers[layer].values, atol=1e-5)
+    assert not torch.allclose(prompts.layers[0].keys, torch.zeros_like(prompts.layers[0].keys))
+
+
+def test_p_tuning_v2_rejects_unknown_init(tiny_bert, sentence_files, tmp_path):
+    config_args = {"method": "p_tuning_v2", "method_args": {"p_tuning_v2": {"init": "zeros"}}}
+
+    with pytest.raises(UserError, match="invalid init 'zeros'"):
+        prepare(tiny_config(tiny_bert, sentence_files, tmp_path / "run", **config_args))

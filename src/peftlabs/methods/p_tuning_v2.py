@@ -5,6 +5,14 @@ every layer, with no reparameterisation, and targets natural-language
 understanding (classification) as well as generation. In peft that is
 ``PrefixTuningConfig`` with ``prefix_projection=False``; this module offers
 it under its own name with the paper's defaults.
+
+peft starts the prompts from standard normal vectors. NOTE: on SmolLM2 those
+are far larger than the model's own values in some layers, and they swamp
+attention: the loss of eight E2E examples went from 2.36 (base model) to 9.44
+with the untrained prompts, and E2E training did not recover in 20 steps.
+``init="vocabulary"`` starts from the keys and values the frozen model
+computes for randomly drawn vocabulary tokens instead (the loss of the same
+examples: 2.33). The default stays ``random``, peft's own.
 """
 
 from __future__ import annotations
@@ -13,16 +21,27 @@ from dataclasses import dataclass, field
 
 from peftlabs.errors import UserError
 from peftlabs.methods.base import PeftMethod, head_modules, head_parameter_count, peft_task_type, prompt_token_dim
-from peftlabs.methods.prefix_tuning import PREFIX_CHECKPOINTING_REFUSAL, PREFIX_REFUSAL
+from peftlabs.methods.prefix_tuning import (
+    PREFIX_CHECKPOINTING_REFUSAL,
+    PREFIX_REFUSAL,
+    init_prefix_from_vocabulary,
+)
+
+INITS = ("random", "vocabulary")
 
 
 @dataclass
 class PTuningV2Params:
     num_virtual_tokens: int = field(default=20, metadata={"help": "prompt length per layer"})
+    init: str = field(default="random", metadata={
+        "help": "random: peft's standard normal vectors; vocabulary: the frozen model's keys and values "
+                "for randomly drawn vocabulary tokens"})
 
     def validate(self) -> None:
         if self.num_virtual_tokens <= 0:
             raise UserError(f"invalid num_virtual_tokens {self.num_virtual_tokens}: it must be positive")
+        if self.init not in INITS:
+            raise UserError(f"invalid init '{self.init}': use one of {', '.join(INITS)}")
 
 
 class PTuningV2(PeftMethod):
@@ -43,6 +62,12 @@ class PTuningV2(PeftMethod):
             prefix_projection=False,
             modules_to_save=head_modules(head),
         )
+
+    def apply(self, model, task, params, head):
+        model = super().apply(model, task, params, head)
+        if params.init == "vocabulary":
+            init_prefix_from_vocabulary(model)
+        return model
 
     def trainable_parameter_formula(self, model, task, params):
         """tokens × layers × 2 (key and value) × dim, plus the head."""

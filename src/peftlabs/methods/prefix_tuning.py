@@ -73,3 +73,47 @@ class PrefixTuning(PeftMethod):
         hidden = params.encoder_hidden_size
         mlp = dim * hidden + hidden + hidden * outputs + outputs
         return tokens * dim + mlp + head_parameter_count(model)
+
+
+KEY_NAMES = ("k_proj", "key")      # Llama-family and BERT-family attention
+VALUE_NAMES = ("v_proj", "value")
+
+
+def init_prefix_from_vocabulary(model, tokens=None) -> None:
+    """Set a prefix without projection to the frozen model's keys and values for vocabulary tokens.
+
+    ``tokens`` ([1, num_virtual_tokens] ids) defaults to random ones, drawn
+    with torch's global generator, which the run's seed sets. The keys are
+    taken at the key projection's output, before any rotary position encoding.
+    """
+    import torch
+
+    config = model.active_peft_config
+    base = model.get_base_model()
+    weight = model.prompt_encoder[model.active_adapter].embedding.weight
+    projections = [(name, module) for name, module in base.named_modules()
+                   if name.rsplit(".", 1)[-1] in KEY_NAMES + VALUE_NAMES]
+    kinds = [name.rsplit(".", 1)[-1] in KEY_NAMES for name, _ in projections]
+    if len(projections) != 2 * config.num_layers or kinds != [True, False] * config.num_layers:
+        raise UserError(
+            f"init 'vocabulary' failed: this model does not have key and value projections named {KEY_NAMES} "
+            f"and {VALUE_NAMES} in each of its {config.num_layers} layers; use init 'random'"
+        )
+
+    # One forward pass of the frozen model over random tokens, keeping every projection's output.
+    if tokens is None:
+        tokens = torch.randint(base.config.vocab_size, (1, config.num_virtual_tokens), device=weight.device)
+    outputs = {}
+    hooks = [module.register_forward_hook(lambda module, args, output, name=name: outputs.__setitem__(name, output))
+             for name, module in projections]
+    try:
+        with torch.no_grad():
+            base(input_ids=tokens, attention_mask=torch.ones_like(tokens))  # the base alone: no prefix yet
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+    # peft reads each prefix row as [layer 0 key, layer 0 value, layer 1 key, ...].
+    per_layer = [outputs[name][0] for name, _ in projections]
+    with torch.no_grad():
+        weight.copy_(torch.cat(per_layer, dim=-1).to(weight.dtype))
