@@ -288,3 +288,18 @@ def test_shared_prefix_off_for_adapters_and_prompts(method, tiny_llama, sentence
 
     assert trainer.response_only_logits
     assert not trainer.shared_prefix
+
+
+def test_shared_prefix_turned_off(tiny_llama, sentences, tmp_path):
+    """--no-shared-prefix keeps the per-row computation."""
+    from peftlabs import data as data_module
+    from peftlabs.train import _build_trainer
+
+    config = tiny_config(tiny_llama, sentences, tmp_path / "run", shared_prefix=False)
+    prepared = prepare(config)
+    train_set = data_module.tokenize_split(prepared.data.train, prepared.tokenizer, prepared.data, 64)
+
+    trainer = _build_trainer(prepared, tmp_path / "run", train_set, train_set)
+
+    assert trainer.response_only_logits
+    assert not trainer.shared_prefix
