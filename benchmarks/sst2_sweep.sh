@@ -4,6 +4,8 @@
 # (80 steps of 32). Each try is a one-method compare in its own folder, run
 # from a copy of that task config with the method's section changed:
 #   DATA=../shared/data bash benchmarks/sst2_sweep.sh
+# ONLY=NAME runs one try; TASK=benchmarks/compare/sst2-minilm-400.yaml with
+# OUT=runs/compare/sst2-sweep-400 runs it at the 400-step budget instead.
 # Results: runs/compare/sst2-sweep/NAME/results.md, summarised in docs/results.md.
 set -euo pipefail
 DATA=${DATA:-../shared/data}
@@ -18,17 +20,22 @@ tries=(
   "bitfit-lr2e-3|bitfit|{learning_rate: 2.0e-3}"
   "p_tuning_v2-lr5e-2|p_tuning_v2|{learning_rate: 5.0e-2}"
   "p_tuning_v2-lr3e-2-tokens64|p_tuning_v2|{learning_rate: 3.0e-2, num_virtual_tokens: 64}"
+  "p_tuning_v2-vocabulary-lr3e-2|p_tuning_v2|{learning_rate: 3.0e-2, init: vocabulary}"
 )
 for entry in "${tries[@]}"; do
   IFS='|' read -r name method section <<< "$entry"
+  if [[ -n "${ONLY:-}" && "$name" != "$ONLY" ]]; then
+    continue
+  fi
   mkdir -p "$OUT/$name"
   "$PYTHON" - "$OUT/$name/task.yaml" "$method" "$section" <<'PY'
+import os
 import sys
 
 import yaml
 
 path, method, section = sys.argv[1:]
-task = yaml.safe_load(open("benchmarks/compare/sst2-minilm.yaml"))
+task = yaml.safe_load(open(os.environ.get("TASK", "benchmarks/compare/sst2-minilm.yaml")))
 task[method] = yaml.safe_load(section)
 with open(path, "w") as file:
     yaml.safe_dump(task, file, sort_keys=False)
