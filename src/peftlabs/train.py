@@ -441,7 +441,9 @@ class PeftLabsTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.token_counter = TokenCounter()
         self.response_only_logits = response_only_logits
-        self.shared_prefix = response_only_logits and shared_prefix
+        # NOTE: the shared prefix calls the model twice per step, which DDP and the sharded
+        # backends were not tested with, so multi-process runs compute every row in full.
+        self.shared_prefix = response_only_logits and shared_prefix and self.args.world_size == 1
         if response_only_logits:
             # compute_loss below divides by the token count of the whole
             # accumulated batch, so the Trainer must not divide again.
