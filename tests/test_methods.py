@@ -254,3 +254,21 @@ def test_p_tuning_v2_rejects_unknown_init(tiny_bert, sentence_files, tmp_path):
 
     with pytest.raises(UserError, match="invalid init 'zeros'"):
         prepare(tiny_config(tiny_bert, sentence_files, tmp_path / "run", **config_args))
+
+
+@pytest.mark.parametrize(("model_fixture", "init", "expected"), [
+    ("tiny_llama", "auto", True), ("tiny_bert", "auto", False),
+    ("tiny_llama", "random", False), ("tiny_bert", "vocabulary", True),
+])
+def test_p_tuning_v2_init_choice(model_fixture, init, expected, sentence_files, tmp_path, monkeypatch, request):
+    """init 'auto' starts from the vocabulary for causal LMs and from peft's random vectors for classification."""
+    from peftlabs.methods import p_tuning_v2
+
+    calls = []
+    monkeypatch.setattr(p_tuning_v2, "init_prefix_from_vocabulary", lambda model: calls.append(model))
+    config = tiny_config(request.getfixturevalue(model_fixture), sentence_files, tmp_path / "run",
+                         method="p_tuning_v2", method_args={"p_tuning_v2": {"init": init}})
+
+    prepare(config)
+
+    assert len(calls) == (1 if expected else 0)

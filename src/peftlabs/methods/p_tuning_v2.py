@@ -12,7 +12,11 @@ attention: the loss of eight E2E examples went from 2.36 (base model) to 9.44
 with the untrained prompts, and E2E training did not recover in 20 steps.
 ``init="vocabulary"`` starts from the keys and values the frozen model
 computes for randomly drawn vocabulary tokens instead (the loss of the same
-examples: 2.33). The default stays ``random``, peft's own.
+examples: 2.33). It lifted E2E from BLEU 0.5 to 54.9 and the bundled ticket
+task from 0.273 to 0.733 accuracy on SmolLM2. On SST-2 with MiniLM it made
+no clear difference (0.728 against 0.755 at 80 steps, 0.813 against 0.805
+at 400), so the default ``auto`` uses it for causal LMs only and keeps
+peft's random start for classification.
 """
 
 from __future__ import annotations
@@ -27,15 +31,15 @@ from peftlabs.methods.prefix_tuning import (
     init_prefix_from_vocabulary,
 )
 
-INITS = ("random", "vocabulary")
+INITS = ("auto", "random", "vocabulary")
 
 
 @dataclass
 class PTuningV2Params:
     num_virtual_tokens: int = field(default=20, metadata={"help": "prompt length per layer"})
-    init: str = field(default="random", metadata={
+    init: str = field(default="auto", metadata={
         "help": "random: peft's standard normal vectors; vocabulary: the frozen model's keys and values "
-                "for randomly drawn vocabulary tokens"})
+                "for randomly drawn vocabulary tokens; auto: vocabulary for causal LMs, random for classification"})
 
     def validate(self) -> None:
         if self.num_virtual_tokens <= 0:
@@ -65,7 +69,7 @@ class PTuningV2(PeftMethod):
 
     def apply(self, model, task, params, head):
         model = super().apply(model, task, params, head)
-        if params.init == "vocabulary":
+        if params.init == "vocabulary" or (params.init == "auto" and task == "causal_lm"):
             init_prefix_from_vocabulary(model)
         return model
 
