@@ -9,7 +9,7 @@ for the last position only), in three layouts:
 - padded: each batch left-padded to its longest row, as `peftlabs train` does;
 - packed into one row: the four rows one after another, with positions
   restarting at every row, so transformers builds a block-diagonal mask;
-- packed into two rows: two rows per packed row.
+- packed into two rows: the longest row with the shortest, the other two together.
 
 The tokens are random ids: only the time matters here. Two rounds are printed.
 """
@@ -42,7 +42,8 @@ def padded(lengths):
 
 
 def packed(lengths, rows):
-    groups = [lengths[row::rows] for row in range(rows)]
+    # Rows sorted longest first: one packed row holds all four, or two hold [first, last] and [second, third].
+    groups = [lengths] if rows == 1 else [[lengths[0], lengths[3]], [lengths[1], lengths[2]]]
     width = max(sum(group) for group in groups)
     positions = torch.zeros(rows, width, dtype=torch.long)
     for row, group in enumerate(groups):
