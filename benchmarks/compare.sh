@@ -12,6 +12,10 @@ PEFTLABS=${PEFTLABS:-.venv/bin/peftlabs}
 # per process ran a MiniLM training step 3x slower than one (see docs/results.md).
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 TASKS=${1:-sst2 e2e}
+if [[ "$TASKS" == "-h" || "$TASKS" == "--help" ]]; then
+  echo "usage: DATA=../shared/data bash benchmarks/compare.sh [sst2|sst2-400|sst2-epoch|e2e] (default: sst2 e2e)"
+  exit 0
+fi
 
 for task in $TASKS; do
   case $task in
