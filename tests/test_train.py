@@ -160,11 +160,7 @@ def test_response_only_loss_matches_transformers(method, tiny_llama, sentences, 
     assert trainer.response_only_logits
 
     # Responses of different lengths, so the kept window contains padding rows for the shorter ones.
-    prompts = ["the cat", "a very big old red mango is here near one", "my plum"]
-    responses = ["animal", "fruit fruit fruit fruit fruit", "fruit"]
-    examples = [data_module.encode_causal_example(prepared.tokenizer, p, r, prepared.data.instruction, 48)
-                for p, r in zip(prompts, responses)]
-    batch = trainer.data_collator(examples)
+    batch = _three_row_batch(trainer, prepared, 48)
     assert (batch["attention_mask"][:, 0] == 0).any(), "batch should contain left padding"
 
     with torch.no_grad():
@@ -180,6 +176,17 @@ def test_response_only_loss_matches_transformers(method, tiny_llama, sentences, 
     assert plain_logits.dim() == 3
     assert plain_logits.shape[0] == batch["input_ids"].shape[0]
     assert plain_logits.shape[1] >= batch["input_ids"].shape[1]
+
+
+def _three_row_batch(trainer, prepared, max_length):
+    """Collate three examples with responses of different lengths, so the batch has left padding."""
+    from peftlabs import data as data_module
+
+    prompts = ["the cat", "a very big old red mango is here near one", "my plum"]
+    responses = ["animal", "fruit fruit fruit fruit fruit", "fruit"]
+    examples = [data_module.encode_causal_example(prepared.tokenizer, p, r, prepared.data.instruction, max_length)
+                for p, r in zip(prompts, responses)]
+    return trainer.data_collator(examples)
 
 
 def test_same_seed_same_initial_model(tmp_path, tiny_bert, sentences):
@@ -220,11 +227,7 @@ def test_shared_prefix_same_loss_and_gradients(method, tiny_llama, sentences, tm
     trainer = _build_trainer(prepared, tmp_path / "run", train_set, train_set)
     assert trainer.shared_prefix
 
-    prompts = ["the cat", "a very big old red mango is here near one", "my plum"]
-    responses = ["animal", "fruit fruit fruit fruit fruit", "fruit"]
-    examples = [data_module.encode_causal_example(prepared.tokenizer, p, r, prepared.data.instruction, 64)
-                for p, r in zip(prompts, responses)]
-    batch = trainer.data_collator(examples)
+    batch = _three_row_batch(trainer, prepared, 64)
     assert (batch["attention_mask"][:, 0] == 0).any(), "batch should contain left padding"
     prefix = shared_prefix_length(batch["input_ids"], batch["attention_mask"], batch["labels"])
     assert prefix >= 8
