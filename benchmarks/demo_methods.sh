@@ -16,7 +16,7 @@ common=(--model smollm2-135m-instruct --dataset demo --eval-split test --epochs 
 declare -A rate=([lora]=3e-3 [qlora]=3e-3 [adapters]=1e-3 [ia3]=3e-2 [prompt_tuning]=3e-2
                  [prefix_tuning]=1e-3 [p_tuning]=1e-2 [p_tuning_v2]=1e-2)
 
-# p_tuning_v2 starts from the vocabulary (its init: auto on a causal LM); the 0.273 row in
+# p_tuning_v2 starts from the vocabulary here (init: auto on a causal LM). The 0.273 row in
 # docs/real-data.md was measured before that default, with peft's random start (init: random).
 for method in lora qlora adapters ia3 prompt_tuning prefix_tuning p_tuning p_tuning_v2; do
     if [[ -f "$out/$method/metrics.json" ]]; then

@@ -42,7 +42,7 @@ def padded(lengths):
 
 
 def packed(lengths, rows):
-    # Rows sorted longest first: one packed row holds all four, or two hold [first, last] and [second, third].
+    # Rows are sorted longest first. One packed row takes all four, or two take [first, last] and [second, third].
     groups = [lengths] if rows == 1 else [[lengths[0], lengths[3]], [lengths[1], lengths[2]]]
     width = max(sum(group) for group in groups)
     positions = torch.zeros(rows, width, dtype=torch.long)

@@ -17,7 +17,7 @@ covers every non-padding token: prompt and response), and ``Trainer`` runs
 with default ``TrainingArguments`` apart from batch size, steps, learning
 rate, seed and CPU. `peftlabs train` pads each batch to its own longest
 example, groups examples of similar length, computes the loss on response
-tokens only, asks the model for the logits of the response positions only,
+tokens only, requests the logits of the response positions only,
 and computes the system prompt that begins every row once per batch.
 
 The script also measures this CPU's fp32 and bf16 ``torch.matmul`` peak, the
