@@ -5,7 +5,9 @@
 # from a copy of that task config with the method's section changed:
 #   DATA=../shared/data bash benchmarks/sst2_sweep.sh
 # ONLY=NAME runs one try; TASK=benchmarks/compare/sst2-minilm-400.yaml with
-# OUT=runs/compare/sst2-sweep-400 runs it at the 400-step budget instead.
+# OUT=runs/compare/sst2-sweep-400 runs it at the 400-step budget instead, and
+# TASK=benchmarks/compare/sst2-minilm-epoch.yaml at one epoch. SEED=N replaces
+# the task's seed (42).
 # Results: runs/compare/sst2-sweep/NAME/results.md, summarised in docs/results.md.
 set -euo pipefail
 DATA=${DATA:-../shared/data}
@@ -16,9 +18,12 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
 # name, method, then the method's section as YAML flow mapping
 tries=(
+  "full-lr1e-4|full|{learning_rate: 1.0e-4}"
   "bitfit-lr5e-3|bitfit|{learning_rate: 5.0e-3}"
   "bitfit-lr2e-3|bitfit|{learning_rate: 2.0e-3}"
+  "p_tuning_v2-lr3e-2|p_tuning_v2|{learning_rate: 3.0e-2}"
   "p_tuning_v2-lr5e-2|p_tuning_v2|{learning_rate: 5.0e-2}"
+  "p_tuning_v2-lr1e-2|p_tuning_v2|{learning_rate: 1.0e-2}"
   "p_tuning_v2-lr3e-2-tokens64|p_tuning_v2|{learning_rate: 3.0e-2, num_virtual_tokens: 64}"
   "p_tuning_v2-vocabulary-lr3e-2|p_tuning_v2|{learning_rate: 3.0e-2, init: vocabulary}"
 )
@@ -37,6 +42,8 @@ import yaml
 path, method, section = sys.argv[1:]
 task = yaml.safe_load(open(os.environ.get("TASK", "benchmarks/compare/sst2-minilm.yaml")))
 task[method] = yaml.safe_load(section)
+if os.environ.get("SEED"):
+    task["seed"] = int(os.environ["SEED"])
 with open(path, "w") as file:
     yaml.safe_dump(task, file, sort_keys=False)
 PY
