@@ -1,4 +1,4 @@
-"""Experiment: does training MiniLM's pooler close the SST-2 gap of BitFit and P-tuning v2?
+"""Train MiniLM's pooler beside BitFit or P-tuning v2, to test whether it closes their SST-2 gap.
 
 all-MiniLM-L6-v2 was trained as a sentence encoder with mean pooling, and its
 BERT pooler (the dense layer over the first token that the classifier reads)
@@ -11,8 +11,14 @@ it patches the two methods in this process only.
     .venv/bin/python benchmarks/sst2_pooler.py train --config CONFIG.yaml
 
 CONFIG is a method's config that `peftlabs compare` wrote, for example
-runs/compare/sst2-minilm-400/configs/bitfit.yaml with a new output_dir.
+runs/compare/sst2-minilm-400/configs/bitfit.yaml, with a new output_dir.
+Those configs set `overwrite: true`, so an unchanged output_dir would
+replace the compare's own run.
 Results: docs/results.md, SST-2 section, "Further tries at one epoch".
+
+NOTE: only BitFit and P-tuning v2 are patched. A config for any other
+method trains as plain `peftlabs train` would, without the pooler and
+without a warning.
 """
 
 import sys
