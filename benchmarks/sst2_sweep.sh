@@ -7,7 +7,7 @@
 # ONLY=NAME runs one try; TASK=benchmarks/compare/sst2-minilm-400.yaml with
 # OUT=runs/compare/sst2-sweep-400 runs it at the 400-step budget instead, and
 # TASK=benchmarks/compare/sst2-minilm-epoch.yaml at one epoch. SEED=N replaces
-# the task's seed (42).
+# the task's seed (42) and EPOCHS=N its number of epochs.
 # Results: runs/compare/sst2-sweep/NAME/results.md, summarised in docs/results.md.
 set -euo pipefail
 DATA=${DATA:-../shared/data}
@@ -44,6 +44,8 @@ task = yaml.safe_load(open(os.environ.get("TASK", "benchmarks/compare/sst2-minil
 task[method] = yaml.safe_load(section)
 if os.environ.get("SEED"):
     task["seed"] = int(os.environ["SEED"])
+if os.environ.get("EPOCHS"):
+    task["epochs"] = int(os.environ["EPOCHS"])
 with open(path, "w") as file:
     yaml.safe_dump(task, file, sort_keys=False)
 PY
