@@ -4,10 +4,10 @@
 # (80 steps of 32). Each try is a one-method compare in its own folder, run
 # from a copy of that task config with the method's section changed:
 #   DATA=../shared/data bash benchmarks/sst2_sweep.sh
-# ONLY=NAME runs one try; TASK=benchmarks/compare/sst2-minilm-400.yaml with
-# OUT=runs/compare/sst2-sweep-400 runs it at the 400-step budget instead, and
-# TASK=benchmarks/compare/sst2-minilm-epoch.yaml at one epoch. SEED=N replaces
-# the task's seed (42) and EPOCHS=N its number of epochs.
+# ONLY=NAME runs one try. TASK= picks another budget:
+#   TASK=benchmarks/compare/sst2-minilm-400.yaml (with OUT=runs/compare/sst2-sweep-400) for 400 steps,
+#   TASK=benchmarks/compare/sst2-minilm-epoch.yaml for one epoch.
+# SEED=N replaces the task's seed (42), and EPOCHS=N its number of epochs.
 # Results: runs/compare/sst2-sweep/NAME/results.md, summarised in docs/results.md.
 set -euo pipefail
 DATA=${DATA:-../shared/data}

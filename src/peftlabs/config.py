@@ -86,9 +86,9 @@ class RunConfig:
     group_by_length: bool = _help("batch examples of similar length to cut padding", default=True)
     gradient_checkpointing: bool = _help("recompute activations in backward to save memory", default=False)
     shared_prefix: bool = _help(
-        "on by default for causal LMs in one process: compute the prompt tokens that begin every row of "
-        "a batch (such as the system instruction) once per batch; the loss is the same up to LoRA "
-        "dropout's mask; not used for bottleneck adapters or prompt-learning methods",
+        "compute the prompt tokens that begin every row of a batch (such as the system instruction) once "
+        "per batch. On by default for causal LMs in one process. The loss is the same apart from LoRA "
+        "dropout's mask. Not used for bottleneck adapters or prompt-learning methods",
         default=True,
     )
     dataloader_workers: int = _help("background processes that build batches", default=0)
