@@ -135,6 +135,7 @@ def test_full_baseline_is_not_a_peft_method():
     (["--methods", "full,full"], "listed twice"),
     (["--method", "lora"], "does not take 'method'"),
     (["--methods", ","], "no methods to compare"),
+    (["--seeds", "42,x"], "invalid seeds"),
 ])
 def test_compare_bad_flags(arguments, message, tiny_bert, sentence_files, tmp_path, capsys):
     output = tmp_path / "out"
@@ -187,3 +188,119 @@ def test_full_run_loads_for_inference(compared):
     prepared = prepare(loaded.config)
     scores, _ = evaluate_split(loaded.model, loaded.tokenizer, prepared.data, prepared.data.eval, progress=False)
     assert scores["accuracy"] == pytest.approx(accuracy)
+
+
+def test_resume_refuses_changed_settings(compared, tiny_bert, sentence_files):
+    _, output = compared
+    finished = (output / "runs" / "lora" / "metrics.json").stat().st_mtime_ns
+    task_config = {"lora": {"learning_rate": 2e-2, "r": 4}, "full": {"learning_rate": 1e-3}}
+
+    with pytest.raises(UserError, match=r"runs/lora was trained with learning_rate=0.01, now learning_rate=0.02"):
+        run_comparison(task_config, shared_settings(tiny_bert, sentence_files, output), METHODS)
+    assert (output / "runs" / "lora" / "metrics.json").stat().st_mtime_ns == finished
+
+
+@pytest.fixture(scope="module")
+def seeded(tiny_bert, sentence_files, tmp_path_factory):
+    """Full fine-tuning and BitFit, each trained with seeds 1 and 2."""
+    output = tmp_path_factory.mktemp("compare-seeds") / "out"
+    settings = {**shared_settings(tiny_bert, sentence_files, output), "seeds": "1,2"}
+    comparison = run_comparison({"full": {"learning_rate": 1e-3}}, settings, ["full", "bitfit"])
+    return comparison, output
+
+
+def test_seeds_train_every_method_once_per_seed(seeded):
+    from peftlabs.config import read_yaml
+
+    comparison, output = seeded
+    names = ["full-seed1", "bitfit-seed1", "full-seed2", "bitfit-seed2"]
+    assert [row["run"] for row in comparison.run_rows] == names
+    for name in names:
+        assert (output / "runs" / name / "metrics.json").is_file(), name
+        assert read_yaml(output / "runs" / name / "config.yaml")["seed"] == int(name[-1])
+    # Different seeds draw different weights for the new classification head.
+    assert comparison.runs[1]["eval_loss"] != comparison.runs[3]["eval_loss"]
+
+
+def test_seeds_table_holds_mean_spread_and_gap(seeded):
+    import statistics
+
+    _, output = seeded
+    results = json.loads((output / "results.json").read_text())
+    runs = {row["run"]: row for row in results["runs"]}
+    rows = {row["method"]: row for row in results["rows"]}
+    assert list(rows) == ["full", "bitfit"]
+
+    for method in rows:
+        losses = [runs[f"{method}-seed{seed}"]["eval_loss"] for seed in (1, 2)]
+        assert rows[method]["seeds"] == "1 2"
+        assert rows[method]["eval_loss"] == pytest.approx(statistics.mean(losses), abs=1e-4)
+        assert rows[method]["eval_loss_std"] == pytest.approx(statistics.stdev(losses), abs=1e-4)
+    gaps = [runs[f"bitfit-seed{seed}"]["eval_accuracy"] - runs[f"full-seed{seed}"]["eval_accuracy"]
+            for seed in (1, 2)]
+    assert rows["bitfit"]["eval_accuracy_vs_full"] == pytest.approx(statistics.mean(gaps), abs=1e-4)
+    assert "eval_accuracy_vs_full" not in rows["full"]
+
+    with open(output / "results.csv") as file:
+        assert [row["seeds"] for row in csv.DictReader(file)] == ["1 2", "1 2"]
+    table = (output / "results.md").read_text()
+    assert "±" in table and "| vs full |" in table
+    assert "over seeds 1, 2" in table
+    assert table.count("\n| bitfit | ") == 3  # the mean, then one row per seed
+    assert table.count("\n| bitfit | 1 | ") == 1
+
+
+def test_seeds_with_a_failed_run_give_no_mean():
+    from peftlabs.compare import aggregate_seeds
+
+    runs = [
+        {"method": "lora", "run": "lora-seed1", "seed": 1, "status": "done", "eval_accuracy": 0.8, "note": "",
+         "mergeable": "yes"},
+        {"method": "lora", "run": "lora-seed2", "seed": 2, "status": "failed", "note": "exit status 1: boom",
+         "mergeable": "yes"},
+    ]
+    [row] = aggregate_seeds(runs)
+    assert row["status"] == "failed"
+    assert "eval_accuracy" not in row
+    assert row["note"] == "seed 2: exit status 1: boom"
+
+
+@pytest.mark.parametrize("task_config, cli, seeds", [
+    ({}, {"seeds": "3,4"}, [3, 4]),
+    ({"seed": 1}, {"seeds": "3,4"}, [3, 4]),  # the flag wins over the file
+    ({"seeds": [5, 6]}, {}, [5, 6]),
+    ({"seeds": [5, 6]}, {"seed": 7}, [7]),
+    ({}, {}, [42]),
+])
+def test_seeds_from_file_and_flags(task_config, cli, seeds, tiny_bert, sentence_files, tmp_path):
+    settings = {**shared_settings(tiny_bert, sentence_files, tmp_path / "out"), **cli}
+    _, _, plans = plan_comparison(task_config, settings, ["full", "lora"])
+    assert [plan.seed for plan in plans] == [seed for seed in seeds for _ in range(2)]
+    assert all(plan.config.seed == plan.seed for plan in plans)
+    suffixes = [plan.run_name.removeprefix(plan.name) for plan in plans]
+    assert suffixes == ([f"-seed{seed}" for seed in seeds for _ in range(2)] if len(seeds) > 1 else ["", ""])
+
+
+@pytest.mark.parametrize("task_config, cli, message", [
+    ({}, {"seeds": "42,x"}, "invalid seeds"),
+    ({}, {"seeds": "42,42"}, "seeds listed twice"),
+    ({}, {"seeds": ","}, "no seeds given"),
+    ({"seeds": [1.5]}, {}, "invalid seeds"),
+    ({"seed": 1, "seeds": [1, 2]}, {}, "the task config sets both 'seed' and 'seeds'"),
+    ({}, {"seed": 1, "seeds": "1,2"}, "the command line sets both 'seed' and 'seeds'"),
+])
+def test_bad_seeds(task_config, cli, message, tiny_bert, sentence_files, tmp_path):
+    settings = {**shared_settings(tiny_bert, sentence_files, tmp_path / "out"), **cli}
+    with pytest.raises(UserError, match=message):
+        plan_comparison(task_config, settings, ["full", "lora"])
+    assert not (tmp_path / "out").exists()
+
+
+def test_same_setting_resolves_paths(tmp_path, monkeypatch):
+    from peftlabs.compare import _same_setting
+
+    (tmp_path / "train.tsv").write_text("sentence\tlabel\n")
+    monkeypatch.chdir(tmp_path)
+    assert _same_setting(str(tmp_path / "train.tsv"), "train.tsv")
+    assert not _same_setting("train.tsv", "dev.tsv")
+    assert not _same_setting(1e-3, 2e-3)

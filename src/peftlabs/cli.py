@@ -197,6 +197,9 @@ def _build_parser() -> argparse.ArgumentParser:
                          help="YAML task config: shared settings, 'methods', one section per method")
     compare.add_argument("--methods", type=lambda text: [part.strip() for part in text.split(",") if part.strip()],
                          help="comma-separated methods, 'full' for full fine-tuning; default: all that apply")
+    compare.add_argument("--seeds", default=argparse.SUPPRESS,
+                         help="comma-separated seeds, such as 42,43,44. Each method is trained once per seed, and "
+                              "the table reports the mean and standard deviation. Default: one run with --seed")
     compare.set_defaults(handler=_compare)
 
     serve = commands.add_parser("serve", help="serve the base model and adapters over an OpenAI-compatible API")

@@ -4,7 +4,7 @@
         --dataset ../shared/data/sst2/train.tsv --eval-dataset ../shared/data/sst2/dev.tsv \\
         --output-dir runs/compare/sst2-minilm
     peftlabs compare --model minilm-l6 --dataset train.csv --methods full,lora,ia3 \\
-        --max-steps 200 --output-dir runs/compare/mine
+        --max-steps 200 --seeds 42,43,44 --output-dir runs/compare/mine
 
 Every method gets the same data, budget (steps or epochs), batch size, seed
 and evaluation. Only the settings in ``PER_METHOD_FIELDS`` (the optimiser's
@@ -18,18 +18,30 @@ optional ``methods:`` list, and one section per method::
     lora: {learning_rate: 1.0e-3, r: 8}
     full: {learning_rate: 5.0e-5}
 
+With ``--seeds 42,43,44`` (or ``seeds: [42, 43, 44]`` in the task config)
+every method is trained once per seed, seed by seed, so that the first
+seed's runs form a whole comparison before the second starts. The table then
+contains one row per method: the mean over seeds of each measurement, and for
+each evaluation metric also its sample standard deviation (``eval_NAME_std``).
+The column ``eval_NAME_vs_full`` is the headline metric minus that of full
+fine-tuning trained with the same seed, averaged over seeds. ``results.md``
+adds a second table with every run.
+
 Each method is trained by ``peftlabs.train.train`` in its own child process
 (``python -m peftlabs.cli train``), so that its peak resident memory is its
 own: the parent samples the child's RSS every ``RSS_INTERVAL_SECONDS``.
 Output folder::
 
     OUTPUT/runs/METHOD/      the method's run directory (adapter, metrics.json, ...)
+    OUTPUT/runs/METHOD-seedN/    the same, when there is more than one seed
     OUTPUT/configs/METHOD.yaml   the resolved settings the child was started with
     OUTPUT/results.json, results.csv, results.md, and the PNG plots
 
 A method whose run directory already has ``metrics.json`` is not trained
-again. A run directory without it (an interrupted method) is trained again
-from the start, so that its time and memory are measured in one piece.
+again, provided its recorded settings are the ones planned now. If they
+differ, the command stops before training anything and names the setting.
+A run directory without ``metrics.json`` (an interrupted method) is trained
+again from the start, so that its time and memory are measured in one piece.
 """
 
 from __future__ import annotations
@@ -38,6 +50,7 @@ import csv
 import io
 import logging
 import os
+import statistics
 import subprocess
 import sys
 import threading
@@ -64,11 +77,16 @@ PLOTS = ("quality_vs_parameters.png", "quality_vs_time.png", "peak_memory.png")
 
 @dataclass
 class MethodPlan:
-    """One row of the comparison: the settings to train with, or why the method is skipped."""
+    """One training run of the comparison: the settings to train with, or why the method is skipped."""
 
     name: str
     config: RunConfig | None
     skip_reason: str | None = None
+    seed: int | None = None
+    run_name: str = ""
+
+    def __post_init__(self):
+        self.run_name = self.run_name or self.name
 
 
 @dataclass
@@ -76,7 +94,21 @@ class Comparison:
     output_dir: Path
     task: str
     plans: list[MethodPlan]
-    rows: list[dict[str, Any]] = field(default_factory=list)
+    runs: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def several_seeds(self) -> bool:
+        return len({plan.seed for plan in self.plans if plan.config is not None}) > 1
+
+    @property
+    def run_rows(self) -> list[dict[str, Any]]:
+        """One row per training run, with its difference from full fine-tuning trained with the same seed."""
+        return with_baseline_gap(self.runs)
+
+    @property
+    def rows(self) -> list[dict[str, Any]]:
+        """One row per method: its single run, or the mean over its seeds."""
+        return aggregate_seeds(self.run_rows) if self.several_seeds else self.run_rows
 
 
 # ---------------------------------------------------------------------------
@@ -103,7 +135,9 @@ def plan_comparison(file_values: dict[str, Any], cli_values: dict[str, Any],
 
     # The task config: shared settings, the method list, one section per method.
     file_values = dict(file_values)
+    cli_values = dict(cli_values)
     listed = file_values.pop("methods", None)
+    seeds = _resolve_seeds(file_values, cli_values)
     for key, value in file_values.items():
         if key in known_fields:
             shared[key] = value
@@ -141,16 +175,63 @@ def plan_comparison(file_values: dict[str, Any], cli_values: dict[str, Any],
         if name not in chosen:
             get_method(name)  # an unknown section name is an error even when unused
 
+    # One run per method and seed, ordered seed by seed. A method that does not apply is listed once.
     plans = []
     task = None
-    for name in chosen:
-        config = _method_config(name, shared, sections.get(name, {}), output_dir, known_fields)
-        task = task or _task_of(config)
-        reason = not_applicable_reason(config, task)
-        if reason and explicit:
-            raise UserError(f"method '{name}' does not apply here: {reason}; drop it from --methods")
-        plans.append(MethodPlan(name, None if reason else config, reason))
+    for seed in seeds:
+        for name in chosen:
+            run_name = name if len(seeds) == 1 else f"{name}-seed{seed}"
+            if seed is not None:
+                shared["seed"] = seed
+            config = _method_config(name, shared, sections.get(name, {}), output_dir / "runs" / run_name,
+                                    known_fields)
+            task = task or _task_of(config)
+            reason = not_applicable_reason(config, task)
+            if reason and explicit:
+                raise UserError(f"method '{name}' does not apply here: {reason}; drop it from --methods")
+            if reason and seed != seeds[0]:
+                continue
+            plans.append(MethodPlan(name, None if reason else config, reason, config.seed, run_name))
     return output_dir, task, plans
+
+
+def _resolve_seeds(file_values: dict[str, Any], cli_values: dict[str, Any]) -> list[int | None]:
+    """Return the seeds to train each method with, removing 'seeds' and an overridden 'seed' from both inputs.
+
+    A flag wins over the task config, as for every setting: ``--seeds`` replaces
+    the file's ``seed`` and ``--seed`` the file's ``seeds``. ``[None]`` means
+    one run per method with the seed of the shared settings.
+    """
+    for source, values in (("the task config", file_values), ("the command line", cli_values)):
+        if "seed" in values and "seeds" in values:
+            raise UserError(f"{source} sets both 'seed' and 'seeds': keep one")
+    file_seeds = _parse_seeds(file_values.pop("seeds", None))
+    cli_seeds = _parse_seeds(cli_values.pop("seeds", None))
+    if cli_seeds is not None:
+        file_values.pop("seed", None)
+        return cli_seeds
+    if file_seeds is not None and "seed" not in cli_values:
+        return file_seeds
+    return [None]
+
+
+def _parse_seeds(listed) -> list[int] | None:
+    """Parse seeds from "42,43,44" (a flag) or [42, 43, 44] (YAML), or return None when not given."""
+    if listed is None:
+        return None
+    parts = [part.strip() for part in listed.split(",") if part.strip()] if isinstance(listed, str) else listed
+    seeds = []
+    for part in parts if isinstance(parts, list) else [parts]:
+        if isinstance(part, str) and part.isdigit():
+            part = int(part)
+        if not isinstance(part, int) or isinstance(part, bool) or part < 0:
+            raise UserError(f"invalid seeds {listed!r}: pass whole numbers of 0 or more, such as 42,43,44")
+        seeds.append(part)
+    if not seeds:
+        raise UserError("no seeds given: pass seeds such as 42,43,44, or leave seeds out for one run per method")
+    if len(set(seeds)) != len(seeds):
+        raise UserError(f"seeds listed twice in {listed!r}: name each seed once")
+    return seeds
 
 
 def _parse_method_list(listed) -> list[str] | None:
@@ -163,7 +244,7 @@ def _parse_method_list(listed) -> list[str] | None:
     raise UserError(f"task config 'methods' must be a list of method names, found {listed!r}")
 
 
-def _method_config(name: str, shared: dict[str, Any], section: dict[str, Any], output_dir: Path,
+def _method_config(name: str, shared: dict[str, Any], section: dict[str, Any], run_dir: Path,
                    known_fields: set[str]) -> RunConfig:
     """Build one method's RunConfig: shared settings, its allowed run overrides, its hyperparameters."""
     from peftlabs.methods import get_method, method_names
@@ -183,7 +264,7 @@ def _method_config(name: str, shared: dict[str, Any], section: dict[str, Any], o
     file_values = {**shared, **run_overrides}
     if params and name in method_names():
         file_values[name] = params
-    cli_values = {"method": name, "output_dir": str(output_dir / "runs" / name), "overwrite": True}
+    cli_values = {"method": name, "output_dir": str(run_dir), "overwrite": True}
     return build_config(file_values, cli_values)
 
 
@@ -230,41 +311,87 @@ def run_comparison(file_values: dict[str, Any], cli_values: dict[str, Any],
                    methods: list[str] | None = None) -> Comparison:
     """Train every planned method that has no finished run yet, then write the tables and plots."""
     output_dir, task, plans = plan_comparison(file_values, cli_values, methods)
+    check_finished_runs(plans)
     output_dir.mkdir(parents=True, exist_ok=True)
     comparison = Comparison(output_dir, task, plans)
 
     for index, plan in enumerate(plans, 1):
         if plan.skip_reason:
             log.info("[%d/%d] %s skipped: %s", index, len(plans), plan.name, plan.skip_reason)
-            comparison.rows.append(_skipped_row(plan))
+            comparison.runs.append(_skipped_row(plan))
             continue
-        run_dir = output_dir / "runs" / plan.name
+        run_dir = Path(plan.config.output_dir)
         if (run_dir / "metrics.json").is_file():
-            log.info("[%d/%d] %s already finished in %s: not trained again", index, len(plans), plan.name, run_dir)
+            log.info("[%d/%d] %s already finished in %s: not trained again", index, len(plans), plan.run_name,
+                     run_dir)
         else:
-            log.info("[%d/%d] training %s in %s", index, len(plans), plan.name, run_dir)
-            failure = _train_in_child(plan.config, output_dir)
+            log.info("[%d/%d] training %s in %s", index, len(plans), plan.run_name, run_dir)
+            failure = _train_in_child(plan, output_dir)
             if failure:
-                # One failed method does not stop the others; the command still fails at the end.
-                log.error("%s failed: %s", plan.name, failure)
-                comparison.rows.append({**_skipped_row(plan), "status": "failed", "note": failure})
+                # One failed run does not stop the others; the command still fails at the end.
+                log.error("%s failed: %s", plan.run_name, failure)
+                comparison.runs.append({**_skipped_row(plan), "status": "failed", "note": failure})
                 write_results(comparison)
                 continue
-        comparison.rows.append(collect_row(plan, run_dir))
+        comparison.runs.append(collect_row(plan, run_dir))
         write_results(comparison)
 
     write_results(comparison)
     write_plots(comparison)
     log.info("results in %s", output_dir / "results.md")
-    failed = [row["method"] for row in comparison.rows if row["status"] == "failed"]
+    failed = [row["run"] for row in comparison.runs if row["status"] == "failed"]
     if failed:
         raise UserError(f"training failed for {', '.join(failed)}: see the note column of "
                         f"{output_dir / 'results.md'} and the logs in {output_dir / 'configs'}")
     return comparison
 
 
-def _train_in_child(config: RunConfig, output_dir: Path) -> str | None:
-    """Run `peftlabs train` on one method's settings and record its wall time and sampled peak RSS.
+def check_finished_runs(plans: list[MethodPlan]) -> None:
+    """Raise UserError when a finished run's recorded settings differ from the planned ones.
+
+    Without this check, changing a learning rate and running the same command
+    again would put the old run's scores in the new table.
+    """
+    import yaml
+
+    from peftlabs.records import flatten, recorded_settings
+
+    for plan in plans:
+        if plan.config is None:
+            continue
+        run_dir = Path(plan.config.output_dir)
+        if not (run_dir / "metrics.json").is_file():
+            continue
+        recorded = recorded_settings(run_dir)
+        planned = flatten(yaml.safe_load(yaml.safe_dump(plan.config.to_dict())))
+        # A run folder may have been moved, or continued with --resume: neither changes what it trained.
+        for key in ("output_dir", "resume"):
+            recorded.pop(key, None)
+            planned.pop(key, None)
+        changed = [key for key in sorted(set(recorded) | set(planned))
+                   if not _same_setting(recorded.get(key), planned.get(key))]
+        if not changed:
+            continue
+
+        key = changed[0]
+        fix = "use a new --output-dir, or move that run away to train it again"
+        if key not in recorded:
+            raise UserError(f"{run_dir} was trained by an older peftlabs without the setting {key}: {fix}")
+        raise UserError(f"{run_dir} was trained with {key}={recorded[key]}, now {key}={planned.get(key, '(unset)')}: "
+                        f"{fix}")
+
+
+def _same_setting(recorded, planned) -> bool:
+    """Compare two setting values, counting two spellings of one existing file or folder as equal."""
+    if recorded == planned:
+        return True
+    if isinstance(recorded, str) and isinstance(planned, str) and Path(recorded).exists() and Path(planned).exists():
+        return Path(recorded).resolve() == Path(planned).resolve()
+    return False
+
+
+def _train_in_child(plan: MethodPlan, output_dir: Path) -> str | None:
+    """Run `peftlabs train` on one run's settings and record its wall time and sampled peak RSS.
 
     Returns None on success, else the child's last line of output.
     """
@@ -272,10 +399,11 @@ def _train_in_child(config: RunConfig, output_dir: Path) -> str | None:
 
     from peftlabs.config import write_yaml
 
-    config_path = output_dir / "configs" / f"{config.method}.yaml"
+    config = plan.config
+    config_path = output_dir / "configs" / f"{plan.run_name}.yaml"
     config_path.parent.mkdir(parents=True, exist_ok=True)
     write_yaml(config, config_path)
-    log_path = output_dir / "configs" / f"{config.method}.log"
+    log_path = output_dir / "configs" / f"{plan.run_name}.log"
     command = [sys.executable, "-m", "peftlabs.cli", "train", "--config", str(config_path)]
 
     started = time.perf_counter()
@@ -353,8 +481,8 @@ class _RssSampler:
 def _skipped_row(plan: MethodPlan) -> dict[str, Any]:
     from peftlabs.methods import get_method
 
-    return {"method": plan.name, "status": "skipped", "note": plan.skip_reason,
-            "mergeable": _mergeable(get_method(plan.name))}
+    return {"method": plan.name, "run": plan.run_name, "seed": plan.seed, "status": "skipped",
+            "note": plan.skip_reason, "mergeable": _mergeable(get_method(plan.name))}
 
 
 def _mergeable(method) -> str:
@@ -376,6 +504,8 @@ def collect_row(plan: MethodPlan, run_dir: Path) -> dict[str, Any]:
     trainable, total = metrics["trainable_parameters"], metrics["total_parameters"]
     row = {
         "method": plan.name,
+        "run": plan.run_name,
+        "seed": config.seed,
         "status": "done",
         "trainable_parameters": trainable,
         "total_parameters": total,
@@ -396,6 +526,69 @@ def collect_row(plan: MethodPlan, run_dir: Path) -> dict[str, Any]:
     return row
 
 
+def with_baseline_gap(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Copy the rows, adding the headline metric minus full fine-tuning's with the same seed."""
+    metric = quality_metric(runs)
+    baseline = {row["seed"]: row[metric] for row in runs
+                if row["method"] == BASELINE and row["status"] == "done" and metric in row}
+    rows = []
+    for row in runs:
+        row = dict(row)
+        if row["method"] != BASELINE and metric in row and row["seed"] in baseline:
+            row[f"{metric}_vs_full"] = round(row[metric] - baseline[row["seed"]], 4)
+        rows.append(row)
+    return rows
+
+
+# Measurements that the seed does not change, and those averaged over seeds.
+SAME_FOR_EVERY_SEED = ("trainable_parameters", "total_parameters", "trainable_percent", "adapter_bytes", "steps",
+                       "learning_rate", "mergeable")
+AVERAGED_OVER_SEEDS = ("train_tokens_per_second", "train_seconds", "wall_seconds")
+
+
+def aggregate_seeds(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per method: the mean over its seeds, the sample standard deviation of each metric, the peak RSS.
+
+    A method with a failed seed gets a failed row, so that a mean is never
+    taken over fewer seeds than the other methods had.
+    """
+    by_method: dict[str, list[dict[str, Any]]] = {}
+    for row in runs:
+        by_method.setdefault(row["method"], []).append(row)
+
+    rows = []
+    for method, group in by_method.items():
+        seeds = " ".join(str(row["seed"]) for row in group if row["seed"] is not None)
+        row = {"method": method, "run": method, "seeds": seeds, "mergeable": group[0]["mergeable"]}
+        statuses = {entry["status"] for entry in group}
+        if statuses != {"done"}:
+            status = "skipped" if statuses == {"skipped"} else "failed"
+            notes = [f"seed {entry['seed']}: {entry['note']}" for entry in group if entry["status"] != "done"]
+            rows.append({**row, "status": status, "note": group[0]["note"] if status == "skipped" else
+                         "; ".join(notes)})
+            continue
+
+        row["status"] = "done"
+        for key in SAME_FOR_EVERY_SEED:
+            row[key] = group[0].get(key)
+        peaks = [entry["peak_rss_bytes"] for entry in group if entry.get("peak_rss_bytes")]
+        row["peak_rss_bytes"] = max(peaks) if peaks else None
+        for key in AVERAGED_OVER_SEEDS:
+            values = [entry[key] for entry in group if entry.get(key) is not None]
+            row[key] = round(statistics.mean(values), 2) if values else None
+        metrics = sorted({key for entry in group for key in entry if key.startswith("eval_")})
+        for key in metrics:
+            values = [entry[key] for entry in group if isinstance(entry.get(key), (int, float))]
+            if not values:
+                continue
+            row[key] = round(statistics.mean(values), 4)
+            if len(values) > 1 and not key.endswith("_vs_full"):
+                row[f"{key}_std"] = round(statistics.stdev(values), 4)
+        row["note"] = "; ".join(sorted({entry["note"] for entry in group if entry.get("note")}))
+        rows.append(row)
+    return rows
+
+
 def _folder_bytes(folder: Path) -> int:
     return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
 
@@ -409,8 +602,9 @@ def quality_metric(rows: list[dict[str, Any]]) -> str:
 
 
 def table_columns(rows: list[dict[str, Any]]) -> list[str]:
-    columns = ["method", "status", "trainable_parameters", "trainable_percent", "adapter_bytes", "peak_rss_bytes",
-               "train_tokens_per_second", "train_seconds", "wall_seconds", "steps", "learning_rate"]
+    seed_column = "seeds" if any("seeds" in row for row in rows) else "seed"
+    columns = ["method", seed_column, "status", "trainable_parameters", "trainable_percent", "adapter_bytes",
+               "peak_rss_bytes", "train_tokens_per_second", "train_seconds", "wall_seconds", "steps", "learning_rate"]
     metrics = sorted({key for row in rows for key in row if key.startswith("eval_")})
     return columns + metrics + ["mergeable", "note"]
 
@@ -419,21 +613,31 @@ def write_results(comparison: Comparison) -> None:
     """Write results.json, results.csv and results.md, each replaced atomically."""
     rows = comparison.rows
     columns = table_columns(rows)
-    shared = _shared_settings(comparison.plans)
-    runs.write_json_atomic(comparison.output_dir / "results.json", {
+    summary = {
         "task": comparison.task,
         "quality_metric": quality_metric(rows),
-        "shared_settings": shared,
+        "shared_settings": _shared_settings(comparison.plans),
         "peak_rss": f"resident set size of the training process, sampled every {RSS_INTERVAL_SECONDS} s",
         "rows": rows,
-    })
+    }
+    if comparison.several_seeds:
+        summary["seeds"] = "rows hold the mean over seeds and, for each metric, its sample standard deviation"
+        summary["runs"] = comparison.run_rows
+    runs.write_json_atomic(comparison.output_dir / "results.json", summary)
 
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
     _write_text_atomic(comparison.output_dir / "results.csv", buffer.getvalue())
-    _write_text_atomic(comparison.output_dir / "results.md", markdown_table(rows) + "\n")
+
+    text = markdown_table(rows)
+    if comparison.several_seeds:
+        seeds = sorted({plan.seed for plan in comparison.plans if plan.config is not None})
+        text += (f"\n\nMean ± sample standard deviation over seeds {', '.join(map(str, seeds))}. 'vs full' is "
+                 f"the difference from full fine-tuning trained with the same seed, averaged over seeds. "
+                 f"Every run:\n\n" + markdown_table(comparison.run_rows, seed_column=True))
+    _write_text_atomic(comparison.output_dir / "results.md", text + "\n")
 
 
 def _shared_settings(plans: list[MethodPlan]) -> dict[str, Any]:
@@ -446,15 +650,18 @@ def _shared_settings(plans: list[MethodPlan]) -> dict[str, Any]:
     return values
 
 
-def markdown_table(rows: list[dict[str, Any]]) -> str:
-    """Format the comparison as a Markdown table with units."""
-    metrics = sorted({key for row in rows for key in row if key.startswith("eval_") and key != "eval_loss"})
-    header = (["method", "trainable params", "% of total", "adapter on disk", "peak RSS", "train tok/s",
-               "train time", "wall time", "learning rate"] + [name[5:] for name in metrics] + ["mergeable", "note"])
+def markdown_table(rows: list[dict[str, Any]], seed_column: bool = False) -> str:
+    """Format the comparison as a Markdown table with units; a metric with a spread reads "mean ± std"."""
+    metrics = sorted({key for row in rows for key in row if key.startswith("eval_") and key != "eval_loss"
+                      and not key.endswith(("_std", "_vs_full"))})
+    gap = next((key for row in rows for key in row if key.endswith("_vs_full")), None)
+    header = (["method"] + (["seed"] if seed_column else []) +
+              ["trainable params", "% of total", "adapter on disk", "peak RSS", "train tok/s", "train time",
+               "wall time", "learning rate"] + [name[5:] for name in metrics] +
+              (["vs full"] if gap else []) + ["mergeable", "note"])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
-        cells = [
-            row["method"],
+        cells = [row["method"]] + ([str(row.get("seed", ""))] if seed_column else []) + [
             _number(row.get("trainable_parameters")),
             _percent(row.get("trainable_percent")),
             _megabytes(row.get("adapter_bytes")),
@@ -464,7 +671,11 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
             _seconds(row.get("wall_seconds")),
             f"{row['learning_rate']:.0e}" if row.get("learning_rate") else "",
         ]
-        cells += [_metric(row.get(name)) for name in metrics]
+        for name in metrics:
+            spread = row.get(f"{name}_std")
+            cells.append(_metric(row.get(name)) + (f" ± {spread:.3f}" if spread is not None else ""))
+        if gap:
+            cells.append("" if row.get(gap) is None else f"{row[gap]:+.3f}")
         note = row.get("note") or ""
         cells += [row.get("mergeable", ""), note.replace("|", "/")]
         lines.append("| " + " | ".join(cells) + " |")
@@ -521,13 +732,13 @@ def write_plots(comparison: Comparison) -> None:
             if row.get(x_key) is None:
                 continue
             marker = "s" if row["method"] == BASELINE else "o"
-            axes.scatter(row[x_key], row[metric], marker=marker)
+            axes.errorbar(row[x_key], row[metric], yerr=row.get(f"{metric}_std"), fmt=marker, capsize=3)
             axes.annotate(row["method"], (row[x_key], row[metric]), textcoords="offset points", xytext=(4, 4),
                           fontsize=8)
         if log_x:
             axes.set_xscale("log")
         axes.set_xlabel(x_label)
-        axes.set_ylabel(label)
+        axes.set_ylabel(label + (" (mean ± std over seeds)" if comparison.several_seeds else ""))
         axes.set_title(f"{label} against {x_label.split(' (')[0]}")
         axes.grid(True, alpha=0.3)
         figure.tight_layout()

@@ -110,6 +110,11 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def recorded_settings(run_dir: Path) -> dict[str, Any]:
+    """The settings in a run's config.yaml as one level with dotted keys; empty when unreadable."""
+    return flatten(_read_yaml(Path(run_dir) / "config.yaml"))
+
+
 def compare_runs(first: Path, second: Path) -> list[tuple[str, Any, Any]]:
     """(setting, value in first, value in second) for every config key, method setting and record that differs."""
     records = []
@@ -117,9 +122,9 @@ def compare_runs(first: Path, second: Path) -> list[tuple[str, Any, Any]]:
         if not (run_dir / "config.yaml").is_file():
             raise UserError(f"{run_dir} is not a run directory (no config.yaml): pass two training runs' folders")
         info = _read_json(run_dir / "run.json")
-        flat = _flatten(_read_yaml(run_dir / "config.yaml"))
+        flat = recorded_settings(run_dir)
         flat.pop("output_dir", None)  # differs between any two runs and changes nothing in them
-        flat.update(_flatten({"versions": info.get("versions", {}), "code": info.get("code", {}),
+        flat.update(flatten({"versions": info.get("versions", {}), "code": info.get("code", {}),
                               "data_fingerprint": info.get("data_fingerprint", {})}))
         records.append(flat)
 
@@ -140,12 +145,13 @@ def format_comparison(first: Path, second: Path, differences: list[tuple[str, An
     return "\n".join(f"{row[0].ljust(widths[0])}  {row[1].ljust(widths[1])}  {row[2]}".rstrip() for row in rows)
 
 
-def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested settings as one level, with dotted keys: {'lora': {'r': 8}} becomes {'lora.r': 8}."""
     flat = {}
     for key, value in values.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict) and value:
-            flat.update(_flatten(value, f"{name}."))
+            flat.update(flatten(value, f"{name}."))
         else:
             flat[name] = value
     return flat
