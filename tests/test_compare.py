@@ -233,7 +233,7 @@ def test_seeds_table_holds_mean_spread_and_gap(seeded):
 
     for method in rows:
         losses = [runs[f"{method}-seed{seed}"]["eval_loss"] for seed in (1, 2)]
-        assert rows[method]["seeds"] == "1 2"
+        assert rows[method]["seeds"] == "1,2"
         assert rows[method]["eval_loss"] == pytest.approx(statistics.mean(losses), abs=1e-4)
         assert rows[method]["eval_loss_std"] == pytest.approx(statistics.stdev(losses), abs=1e-4)
     gaps = [runs[f"bitfit-seed{seed}"]["eval_accuracy"] - runs[f"full-seed{seed}"]["eval_accuracy"]
@@ -241,13 +241,28 @@ def test_seeds_table_holds_mean_spread_and_gap(seeded):
     assert rows["bitfit"]["eval_accuracy_vs_full"] == pytest.approx(statistics.mean(gaps), abs=1e-4)
     assert "eval_accuracy_vs_full" not in rows["full"]
 
+    assert results["seeds"] == [1, 2]
+    assert "seed" not in results["shared_settings"]
     with open(output / "results.csv") as file:
-        assert [row["seeds"] for row in csv.DictReader(file)] == ["1 2", "1 2"]
+        assert [row["seeds"] for row in csv.DictReader(file)] == ["1,2", "1,2"]
+    with open(output / "results_runs.csv") as file:
+        assert [row["seed"] for row in csv.DictReader(file)] == ["1", "1", "2", "2"]
     table = (output / "results.md").read_text()
     assert "±" in table and "| vs full |" in table
     assert "over seeds 1, 2" in table
     assert table.count("\n| bitfit | ") == 3  # the mean, then one row per seed
     assert table.count("\n| bitfit | 1 | ") == 1
+
+
+def test_seeds_rerun_trains_nothing(seeded, tiny_bert, sentence_files, caplog):
+    comparison, output = seeded
+    settings = {**shared_settings(tiny_bert, sentence_files, output), "seeds": "1,2"}
+
+    # BitFit keeps its default learning rate, which the run records as a number.
+    with caplog.at_level("INFO", logger="peftlabs"):
+        again = run_comparison({"full": {"learning_rate": 1e-3}}, settings, ["full", "bitfit"])
+    assert caplog.text.count("not trained again") == 4
+    assert again.rows == comparison.rows
 
 
 def test_seeds_with_a_failed_run_give_no_mean():
@@ -287,7 +302,7 @@ def test_seeds_from_file_and_flags(task_config, cli, seeds, tiny_bert, sentence_
     ({}, {"seeds": ","}, "no seeds given"),
     ({"seeds": [1.5]}, {}, "invalid seeds"),
     ({"seed": 1, "seeds": [1, 2]}, {}, "the task config sets both 'seed' and 'seeds'"),
-    ({}, {"seed": 1, "seeds": "1,2"}, "the command line sets both 'seed' and 'seeds'"),
+    ({}, {"seed": 1, "seeds": "1,2"}, "the command line sets both --seed and --seeds"),
 ])
 def test_bad_seeds(task_config, cli, message, tiny_bert, sentence_files, tmp_path):
     settings = {**shared_settings(tiny_bert, sentence_files, tmp_path / "out"), **cli}

@@ -198,8 +198,10 @@ def _build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--methods", type=lambda text: [part.strip() for part in text.split(",") if part.strip()],
                          help="comma-separated methods, 'full' for full fine-tuning; default: all that apply")
     compare.add_argument("--seeds", default=argparse.SUPPRESS,
-                         help="comma-separated seeds, such as 42,43,44. Each method is trained once per seed, and "
-                              "the table reports the mean and standard deviation. Default: one run with --seed")
+                         help="comma-separated seeds, such as 42,43,44. Each method is trained once per seed, in "
+                              "OUTPUT/runs/METHOD-seedN. The table reports the mean and sample standard deviation, "
+                              "and 'vs full' the gap to full fine-tuning with the same seed. Default: one run with "
+                              "--seed")
     compare.set_defaults(handler=_compare)
 
     serve = commands.add_parser("serve", help="serve the base model and adapters over an OpenAI-compatible API")

@@ -25,7 +25,7 @@ contains one row per method: the mean over seeds of each measurement, and for
 each evaluation metric also its sample standard deviation (``eval_NAME_std``).
 The column ``eval_NAME_vs_full`` is the headline metric minus that of full
 fine-tuning trained with the same seed, averaged over seeds. ``results.md``
-adds a second table with every run.
+adds a second table with every run, and ``results_runs.csv`` has the same rows.
 
 Each method is trained by ``peftlabs.train.train`` in its own child process
 (``python -m peftlabs.cli train``), so that its peak resident memory is its
@@ -202,9 +202,10 @@ def _resolve_seeds(file_values: dict[str, Any], cli_values: dict[str, Any]) -> l
     the file's ``seed`` and ``--seed`` the file's ``seeds``. ``[None]`` means
     one run per method with the seed of the shared settings.
     """
-    for source, values in (("the task config", file_values), ("the command line", cli_values)):
+    for source, values, both in (("the task config", file_values, "'seed' and 'seeds'"),
+                                 ("the command line", cli_values, "--seed and --seeds")):
         if "seed" in values and "seeds" in values:
-            raise UserError(f"{source} sets both 'seed' and 'seeds': keep one")
+            raise UserError(f"{source} sets both {both}: keep one")
     file_seeds = _parse_seeds(file_values.pop("seeds", None))
     cli_seeds = _parse_seeds(cli_values.pop("seeds", None))
     if cli_seeds is not None:
@@ -264,6 +265,8 @@ def _method_config(name: str, shared: dict[str, Any], section: dict[str, Any], r
     file_values = {**shared, **run_overrides}
     if params and name in method_names():
         file_values[name] = params
+    # The default learning rate is written out, as `peftlabs train` records it in the run's config.yaml.
+    file_values.setdefault("learning_rate", get_method(name).default_learning_rate)
     cli_values = {"method": name, "output_dir": str(run_dir), "overwrite": True}
     return build_config(file_values, cli_values)
 
@@ -522,7 +525,7 @@ def collect_row(plan: MethodPlan, run_dir: Path) -> dict[str, Any]:
     }
     for key, value in metrics.items():
         if key.startswith("eval_") and isinstance(value, (int, float)):
-            row[key] = round(value, 4) if isinstance(value, float) else value
+            row[key] = round(value, 6) if isinstance(value, float) else value
     return row
 
 
@@ -547,7 +550,7 @@ AVERAGED_OVER_SEEDS = ("train_tokens_per_second", "train_seconds", "wall_seconds
 
 
 def aggregate_seeds(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per method: the mean over its seeds, the sample standard deviation of each metric, the peak RSS.
+    """One row per method: the mean over its seeds, each metric's sample standard deviation, the largest peak RSS.
 
     A method with a failed seed gets a failed row, so that a mean is never
     taken over fewer seeds than the other methods had.
@@ -558,7 +561,7 @@ def aggregate_seeds(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
     rows = []
     for method, group in by_method.items():
-        seeds = " ".join(str(row["seed"]) for row in group if row["seed"] is not None)
+        seeds = ",".join(str(row["seed"]) for row in group if row["seed"] is not None)
         row = {"method": method, "run": method, "seeds": seeds, "mergeable": group[0]["mergeable"]}
         statuses = {entry["status"] for entry in group}
         if statuses != {"done"}:
@@ -612,7 +615,6 @@ def table_columns(rows: list[dict[str, Any]]) -> list[str]:
 def write_results(comparison: Comparison) -> None:
     """Write results.json, results.csv and results.md, each replaced atomically."""
     rows = comparison.rows
-    columns = table_columns(rows)
     summary = {
         "task": comparison.task,
         "quality_metric": quality_metric(rows),
@@ -620,24 +622,36 @@ def write_results(comparison: Comparison) -> None:
         "peak_rss": f"resident set size of the training process, sampled every {RSS_INTERVAL_SECONDS} s",
         "rows": rows,
     }
+    seeds = sorted({plan.seed for plan in comparison.plans if plan.config is not None})
     if comparison.several_seeds:
-        summary["seeds"] = "rows hold the mean over seeds and, for each metric, its sample standard deviation"
+        summary["shared_settings"].pop("seed", None)
+        summary["seeds"] = seeds
+        summary["aggregation"] = ("each row: the mean over seeds, the sample standard deviation of each metric "
+                                  "(NAME_std), and the largest peak RSS of its runs; 'runs' has every run")
         summary["runs"] = comparison.run_rows
     runs.write_json_atomic(comparison.output_dir / "results.json", summary)
 
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(rows)
-    _write_text_atomic(comparison.output_dir / "results.csv", buffer.getvalue())
+    _write_csv(comparison.output_dir / "results.csv", rows)
+    if comparison.several_seeds:
+        _write_csv(comparison.output_dir / "results_runs.csv", comparison.run_rows)
 
     text = markdown_table(rows)
     if comparison.several_seeds:
-        seeds = sorted({plan.seed for plan in comparison.plans if plan.config is not None})
-        text += (f"\n\nMean ± sample standard deviation over seeds {', '.join(map(str, seeds))}. 'vs full' is "
-                 f"the difference from full fine-tuning trained with the same seed, averaged over seeds. "
-                 f"Every run:\n\n" + markdown_table(comparison.run_rows, seed_column=True))
+        gap = any(key.endswith("_vs_full") for row in rows for key in row)
+        text += (f"\n\nMean ± sample standard deviation over seeds {', '.join(map(str, seeds))}; peak RSS is the "
+                 f"largest of the method's runs."
+                 + (" 'vs full' is the difference from full fine-tuning trained with the same seed, averaged "
+                    "over seeds." if gap else "")
+                 + " Every run:\n\n" + markdown_table(comparison.run_rows, seed_column=True))
     _write_text_atomic(comparison.output_dir / "results.md", text + "\n")
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=table_columns(rows), extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    _write_text_atomic(path, buffer.getvalue())
 
 
 def _shared_settings(plans: list[MethodPlan]) -> dict[str, Any]:
