@@ -14,7 +14,7 @@ peftlabs option: it patches BertModel in this process only.
 
 CONFIG is a method's config that `peftlabs compare` wrote, with a new
 output_dir (those configs set `overwrite: true`).
-Results: docs/results.md, SST-2 section, "Further tries at one and two epochs".
+Results: docs/results.md, SST-2 section, "Further tries at one to three epochs".
 
 NOTE: a run trained here is saved as a normal run, but `peftlabs infer`,
 `merge` and `serve` load it with the first-token pooler, so their outputs do

@@ -14,7 +14,7 @@ CONFIG is a method's config that `peftlabs compare` wrote, for example
 runs/compare/sst2-minilm-400/configs/bitfit.yaml, with a new output_dir.
 Those configs set `overwrite: true`, so an unchanged output_dir would
 replace the compare's own run.
-Results: docs/results.md, SST-2 section, "Further tries at one and two epochs".
+Results: docs/results.md, SST-2 section, "Further tries at one to three epochs".
 
 NOTE: only BitFit and P-tuning v2 are patched. A config for any other
 method trains as plain `peftlabs train` would, without the pooler and
