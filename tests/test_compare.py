@@ -190,7 +190,7 @@ def test_full_run_loads_for_inference(compared):
     assert scores["accuracy"] == pytest.approx(accuracy)
 
 
-def test_resume_refuses_changed_settings(compared, tiny_bert, sentence_files):
+def test_resume_rejects_changed_settings(compared, tiny_bert, sentence_files):
     _, output = compared
     finished = (output / "runs" / "lora" / "metrics.json").stat().st_mtime_ns
     task_config = {"lora": {"learning_rate": 2e-2, "r": 4}, "full": {"learning_rate": 1e-3}}
@@ -209,7 +209,7 @@ def seeded(tiny_bert, sentence_files, tmp_path_factory):
     return comparison, output
 
 
-def test_seeds_train_every_method_once_per_seed(seeded):
+def test_seeds_train_each_method(seeded):
     from peftlabs.config import read_yaml
 
     comparison, output = seeded
@@ -222,7 +222,7 @@ def test_seeds_train_every_method_once_per_seed(seeded):
     assert comparison.runs[1]["eval_loss"] != comparison.runs[3]["eval_loss"]
 
 
-def test_seeds_table_holds_mean_spread_and_gap(seeded):
+def test_seeds_table_mean_spread_gap(seeded):
     import statistics
 
     _, output = seeded
@@ -248,7 +248,8 @@ def test_seeds_table_holds_mean_spread_and_gap(seeded):
     with open(output / "results_runs.csv") as file:
         assert [row["seed"] for row in csv.DictReader(file)] == ["1", "1", "2", "2"]
     table = (output / "results.md").read_text()
-    assert "±" in table and "| vs full |" in table
+    assert "±" in table
+    assert "| vs full |" in table
     assert "over seeds 1, 2" in table
     assert table.count("\n| bitfit | ") == 3  # the mean, then one row per seed
     assert table.count("\n| bitfit | 1 | ") == 1
@@ -265,7 +266,7 @@ def test_seeds_rerun_trains_nothing(seeded, tiny_bert, sentence_files, caplog):
     assert again.rows == comparison.rows
 
 
-def test_seeds_with_a_failed_run_give_no_mean():
+def test_failed_seed_gives_no_mean():
     from peftlabs.compare import aggregate_seeds
 
     runs = [

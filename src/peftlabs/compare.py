@@ -220,9 +220,15 @@ def _parse_seeds(listed) -> list[int] | None:
     """Parse seeds from "42,43,44" (a flag) or [42, 43, 44] (YAML), or return None when not given."""
     if listed is None:
         return None
-    parts = [part.strip() for part in listed.split(",") if part.strip()] if isinstance(listed, str) else listed
+    if isinstance(listed, str):
+        parts = [part.strip() for part in listed.split(",") if part.strip()]
+    elif isinstance(listed, list):
+        parts = listed
+    else:
+        parts = [listed]
+
     seeds = []
-    for part in parts if isinstance(parts, list) else [parts]:
+    for part in parts:
         if isinstance(part, str) and part.isdigit():
             part = int(part)
         if not isinstance(part, int) or isinstance(part, bool) or part < 0:
@@ -550,7 +556,7 @@ AVERAGED_OVER_SEEDS = ("train_tokens_per_second", "train_seconds", "wall_seconds
 
 
 def aggregate_seeds(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per method: the mean over its seeds, each metric's sample standard deviation, the largest peak RSS.
+    """Return one row per method: the mean over seeds, each metric's sample standard deviation, the largest peak RSS.
 
     A method with a failed seed gets a failed row, so that a mean is never
     taken over fewer seeds than the other methods had.
@@ -565,10 +571,11 @@ def aggregate_seeds(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         row = {"method": method, "run": method, "seeds": seeds, "mergeable": group[0]["mergeable"]}
         statuses = {entry["status"] for entry in group}
         if statuses != {"done"}:
-            status = "skipped" if statuses == {"skipped"} else "failed"
-            notes = [f"seed {entry['seed']}: {entry['note']}" for entry in group if entry["status"] != "done"]
-            rows.append({**row, "status": status, "note": group[0]["note"] if status == "skipped" else
-                         "; ".join(notes)})
+            if statuses == {"skipped"}:
+                rows.append({**row, "status": "skipped", "note": group[0]["note"]})
+            else:
+                notes = [f"seed {entry['seed']}: {entry['note']}" for entry in group if entry["status"] != "done"]
+                rows.append({**row, "status": "failed", "note": "; ".join(notes)})
             continue
 
         row["status"] = "done"

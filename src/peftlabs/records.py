@@ -111,7 +111,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 def recorded_settings(run_dir: Path) -> dict[str, Any]:
-    """The settings in a run's config.yaml as one level with dotted keys; empty when unreadable."""
+    """Return the settings in a run's config.yaml as one level with dotted keys, or {} when it is unreadable."""
     return flatten(_read_yaml(Path(run_dir) / "config.yaml"))
 
 
