@@ -2,7 +2,8 @@
 # Learning-rate and prompt-length tries for the methods that missed the
 # SST-2 target, with the exact budget of benchmarks/compare/sst2-minilm.yaml
 # (80 steps of 32). Each try is a one-method compare in its own folder, run
-# from a copy of that task config with the method's section changed:
+# from a copy of that task config with the method's section changed (the
+# loop is in sweep_tries.sh):
 #   DATA=../shared/data bash benchmarks/sst2_sweep.sh
 # ONLY=NAME runs one try. TASK= picks another budget:
 #   TASK=benchmarks/compare/sst2-minilm-400.yaml (with OUT=runs/compare/sst2-sweep-400) for 400 steps,
@@ -27,29 +28,7 @@ tries=(
   "p_tuning_v2-lr3e-2-tokens64|p_tuning_v2|{learning_rate: 3.0e-2, num_virtual_tokens: 64}"
   "p_tuning_v2-vocabulary-lr3e-2|p_tuning_v2|{learning_rate: 3.0e-2, init: vocabulary}"
 )
-for entry in "${tries[@]}"; do
-  IFS='|' read -r name method section <<< "$entry"
-  if [[ -n "${ONLY:-}" && "$name" != "$ONLY" ]]; then
-    continue
-  fi
-  mkdir -p "$OUT/$name"
-  "$PYTHON" - "$OUT/$name/task.yaml" "$method" "$section" <<'PY'
-import os
-import sys
 
-import yaml
-
-path, method, section = sys.argv[1:]
-task = yaml.safe_load(open(os.environ.get("TASK", "benchmarks/compare/sst2-minilm.yaml")))
-task[method] = yaml.safe_load(section)
-if os.environ.get("SEED"):
-    task["seed"] = int(os.environ["SEED"])
-if os.environ.get("EPOCHS"):
-    task["epochs"] = int(os.environ["EPOCHS"])
-with open(path, "w") as file:
-    yaml.safe_dump(task, file, sort_keys=False)
-PY
-  nice -n 10 $PEFTLABS compare --task-config "$OUT/$name/task.yaml" \
-    --dataset "$DATA/sst2/train.tsv" --eval-dataset "$DATA/sst2/dev.tsv" \
-    --methods "$method" --output-dir "$OUT/$name"
-done
+source "$(dirname "$0")/sweep_tries.sh"
+run_tries "${TASK:-benchmarks/compare/sst2-minilm.yaml}" \
+  --dataset "$DATA/sst2/train.tsv" --eval-dataset "$DATA/sst2/dev.tsv"

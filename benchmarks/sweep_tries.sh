@@ -1,0 +1,40 @@
+# Loop shared by sst2_sweep.sh and e2e_sweep.sh, which source this file.
+# run_tries TASK [COMPARE FLAGS...] runs each entry of the caller's `tries`
+# array ("name|method|section", the section a YAML flow mapping) as a
+# one-method compare in $OUT/NAME, from a copy of the task config TASK with
+# that method's section replaced. The flags after TASK go to
+# `peftlabs compare` (the data to train and evaluate on).
+# ONLY=NAME runs one try. SEED=N and EPOCHS=N replace the task's seed and
+# number of epochs.
+run_tries() {
+  local task=$1
+  shift
+
+  for entry in "${tries[@]}"; do
+    IFS='|' read -r name method section <<< "$entry"
+    if [[ -n "${ONLY:-}" && "$name" != "$ONLY" ]]; then
+      continue
+    fi
+
+    mkdir -p "$OUT/$name"
+    "$PYTHON" - "$task" "$OUT/$name/task.yaml" "$method" "$section" <<'PY'
+import os
+import sys
+
+import yaml
+
+source, path, method, section = sys.argv[1:]
+task = yaml.safe_load(open(source))
+task[method] = yaml.safe_load(section)
+if os.environ.get("SEED"):
+    task["seed"] = int(os.environ["SEED"])
+if os.environ.get("EPOCHS"):
+    task["epochs"] = int(os.environ["EPOCHS"])
+with open(path, "w") as file:
+    yaml.safe_dump(task, file, sort_keys=False)
+PY
+
+    nice -n 10 $PEFTLABS compare --task-config "$OUT/$name/task.yaml" "$@" \
+      --methods "$method" --output-dir "$OUT/$name"
+  done
+}
