@@ -10,9 +10,6 @@
 set -euo pipefail
 DATA=${DATA:-../shared/data}
 OUT=${OUT:-runs/compare/e2e-sweep}
-PEFTLABS=${PEFTLABS:-.venv/bin/peftlabs}
-PYTHON=${PYTHON:-.venv/bin/python}
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
 # name, method, then the method's section as a YAML flow mapping
 tries=(

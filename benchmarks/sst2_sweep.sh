@@ -13,9 +13,6 @@
 set -euo pipefail
 DATA=${DATA:-../shared/data}
 OUT=${OUT:-runs/compare/sst2-sweep}
-PEFTLABS=${PEFTLABS:-.venv/bin/peftlabs}
-PYTHON=${PYTHON:-.venv/bin/python}
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
 # name, method, then the method's section as YAML flow mapping
 tries=(

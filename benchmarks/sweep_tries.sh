@@ -5,9 +5,15 @@
 # that method's section replaced. The flags after TASK go to
 # `peftlabs compare` (the data to train and evaluate on).
 # ONLY=NAME runs one try. SEED=N and EPOCHS=N replace the task's seed and
-# number of epochs.
+# number of epochs. PEFTLABS and PYTHON name the commands to run (default:
+# the project's .venv), and each job gets one thread unless OMP_NUM_THREADS
+# sets another number.
+PEFTLABS=${PEFTLABS:-.venv/bin/peftlabs}
+PYTHON=${PYTHON:-.venv/bin/python}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+
 run_tries() {
-  local task=$1
+  local task=$1 entry name method section
   shift
 
   for entry in "${tries[@]}"; do
