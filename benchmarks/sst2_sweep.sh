@@ -8,7 +8,8 @@
 # ONLY=NAME runs one try. TASK= picks another budget:
 #   TASK=benchmarks/compare/sst2-minilm-400.yaml (with OUT=runs/compare/sst2-sweep-400) for 400 steps,
 #   TASK=benchmarks/compare/sst2-minilm-epoch.yaml for one epoch.
-# SEED=N replaces the task's seed (42), and EPOCHS=N its number of epochs.
+# SEED=N replaces the task's seed (42), EPOCHS=N its number of epochs, and
+# EVAL_STEPS=N adds a dev-set evaluation every N steps (2105: every epoch).
 # Results: runs/compare/sst2-sweep/NAME/results.md, summarised in docs/results.md.
 set -euo pipefail
 DATA=${DATA:-../shared/data}
@@ -19,6 +20,7 @@ tries=(
   "full-lr1e-4|full|{learning_rate: 1.0e-4}"
   "bitfit-lr5e-3|bitfit|{learning_rate: 5.0e-3}"
   "bitfit-lr2e-3|bitfit|{learning_rate: 2.0e-3}"
+  "bitfit-lr1e-3|bitfit|{learning_rate: 1.0e-3}"
   "p_tuning_v2-lr3e-2|p_tuning_v2|{learning_rate: 3.0e-2}"
   "p_tuning_v2-lr5e-2|p_tuning_v2|{learning_rate: 5.0e-2}"
   "p_tuning_v2-lr1e-2|p_tuning_v2|{learning_rate: 1.0e-2}"
