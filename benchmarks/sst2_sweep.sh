@@ -9,7 +9,8 @@
 #   TASK=benchmarks/compare/sst2-minilm-400.yaml (with OUT=runs/compare/sst2-sweep-400) for 400 steps,
 #   TASK=benchmarks/compare/sst2-minilm-epoch.yaml for one epoch.
 # SEED=N replaces the task's seed (42), EPOCHS=N its number of epochs, and
-# EVAL_STEPS=N adds a dev-set evaluation every N steps (2105: every epoch).
+# EVAL_STEPS=N adds a dev-set evaluation every N steps (2105: every epoch of
+# the whole training set).
 # Results: runs/compare/sst2-sweep/NAME/results.md, summarised in docs/results.md.
 set -euo pipefail
 DATA=${DATA:-../shared/data}

@@ -6,10 +6,11 @@
 # `peftlabs compare` (the data to train and evaluate on).
 # ONLY=NAME runs one try. SEED=N and EPOCHS=N replace the task's seed and
 # number of epochs. EVAL_STEPS=N adds an evaluation on the dev set every N
-# steps (2105: once per SST-2 epoch). Each evaluation starts a data loader,
-# which draws one number from torch's global random generator, so every
-# later random draw shifts: in a 30-step check the logged losses drifted in
-# the third decimal after the first evaluation, like another random draw.
+# steps (2105: once per epoch on the whole SST-2 training set at batch size
+# 32). Each evaluation starts a data loader, which draws one number from
+# torch's global random generator, so every later random draw shifts: in a
+# 30-step check the logged losses drifted in the third decimal after the
+# first evaluation, like another random draw.
 # PEFTLABS and PYTHON name the commands to run (default: the project's
 # .venv), and each job gets one thread unless OMP_NUM_THREADS sets another
 # number.

@@ -99,7 +99,9 @@ class RunConfig:
     resume: bool = _help("continue an interrupted run from its last checkpoint", default=False)
     save_steps: int = _help("save a resumable checkpoint every N steps", default=50)
     logging_steps: int = _help("log loss and throughput every N steps", default=10)
-    eval_steps: int | None = _help("also compute the eval loss every N steps during training", default=None)
+    eval_steps: int | None = _help(
+        "also score the eval split every N steps during training: loss, plus accuracy and macro-F1 for classification",
+        default=None)
     final_eval: bool = _help("score the eval split after training (by generation for causal LMs)", default=True)
     report_to: list[str] | None = _help(
         "experiment trackers that also log the run: tensorboard, mlflow (files inside the run directory)",
