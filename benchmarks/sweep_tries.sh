@@ -38,12 +38,9 @@ import yaml
 source, path, method, section = sys.argv[1:]
 task = yaml.safe_load(open(source))
 task[method] = yaml.safe_load(section)
-if os.environ.get("SEED"):
-    task["seed"] = int(os.environ["SEED"])
-if os.environ.get("EPOCHS"):
-    task["epochs"] = int(os.environ["EPOCHS"])
-if os.environ.get("EVAL_STEPS"):
-    task["eval_steps"] = int(os.environ["EVAL_STEPS"])
+for variable, key in (("SEED", "seed"), ("EPOCHS", "epochs"), ("EVAL_STEPS", "eval_steps")):
+    if os.environ.get(variable):
+        task[key] = int(os.environ[variable])
 with open(path, "w") as file:
     yaml.safe_dump(task, file, sort_keys=False)
 PY
